@@ -1,0 +1,1 @@
+"""phototag application: CLI, config, watcher, queue, batch worker, scheduler, service."""

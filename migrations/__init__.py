@@ -1,0 +1,1 @@
+"""Alembic migrations for the phototag database, shipped inside the package."""

@@ -1,0 +1,1 @@
+"""Database models, queries, search language and keyword writers. Knows nothing of torch."""
