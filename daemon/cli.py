@@ -63,6 +63,7 @@ COMMANDS = {
     "retag": "daemon.cmd_daemon:retag",
     "daemon": "daemon.cmd_daemon:daemon",
     "write-tags": "daemon.cmd_write_tags:write_tags",
+    "bench": "daemon.cmd_bench:bench",
     "model": "daemon.cmd_model:model",
     "db": "daemon.cmd_db:db",
 }
