@@ -1,0 +1,142 @@
+"""Engine and sessions: the only place that knows SQLite needs special care.
+
+SQLite in WAL mode lets readers run alongside one writer, but a *deferred* transaction that reads
+and then writes fails at once with "database is locked" when another connection committed in
+between, whatever the busy timeout (SQLite cannot upgrade a stale read snapshot). So writers here
+start with ``BEGIN IMMEDIATE``, which takes the write lock up front and waits for it under the busy
+timeout, and readers use a plain ``BEGIN``. pysqlite's own implicit BEGIN is switched off, as
+SQLAlchemy's pysqlite documentation describes, so that SQLAlchemy emits ours.
+
+Any other database URL (PostgreSQL) is used as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import sqlalchemy.exc
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+BUSY_TIMEOUT_SECONDS = 30.0
+
+# Connection execution option that makes our begin hook emit BEGIN IMMEDIATE.
+_WRITE_OPTION = "phototag_write"
+
+
+class DatabaseError(Exception):
+    """The database cannot be used; the message is one line fit for the user."""
+
+
+def is_sqlite(engine_or_url: Engine | str) -> bool:
+    url = engine_or_url.url if isinstance(engine_or_url, Engine) else make_url(engine_or_url)
+    return url.get_backend_name() == "sqlite"
+
+
+def sqlite_path(engine_or_url: Engine | str) -> Path | None:
+    """The database file of an SQLite URL; None for other databases and in-memory SQLite."""
+    url = engine_or_url.url if isinstance(engine_or_url, Engine) else make_url(engine_or_url)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    if url.database.startswith("file:"):  # URI filename: sqlite:///file:path?mode=...&uri=true
+        return Path(url.database[len("file:"):])
+    return Path(url.database)
+
+
+def describe(engine_or_url: Engine | str) -> str:
+    """What to call the database in messages: its file, or its URL without the password."""
+    path = sqlite_path(engine_or_url)
+    if path is not None:
+        return str(path)
+    url = engine_or_url.url if isinstance(engine_or_url, Engine) else make_url(engine_or_url)
+    return url.render_as_string(hide_password=True)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, a busy timeout, foreign keys and our BEGINs."""
+    engine = create_engine(url)
+    if engine.dialect.name == "sqlite":
+        _configure_sqlite(engine)
+    return engine
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:
+        # Autocommit at the driver level: pysqlite emits no BEGIN of its own, we do (below).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
+            cursor.execute("PRAGMA foreign_keys = ON")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+            # Persistent in the file once set; a read-only or in-memory database keeps its mode.
+            cursor.execute("PRAGMA journal_mode = WAL")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection) -> None:
+        if connection.get_execution_options().get(_WRITE_OPTION):
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            connection.exec_driver_sql("BEGIN")
+
+
+def write_options() -> dict:
+    """Execution options for a connection that will write (``engine.connect().execution_options``).
+
+    ``write_session`` uses them; code that works on a bare Connection (migrations) can too.
+    """
+    return {_WRITE_OPTION: True}
+
+
+@contextmanager
+def read_session(engine: Engine) -> Iterator[Session]:
+    """A session in one read transaction (a consistent snapshot); rolled back at the end."""
+    with _translate_errors(engine), Session(engine, expire_on_commit=False) as session:
+        try:
+            yield session
+        finally:
+            session.rollback()
+
+
+@contextmanager
+def write_session(engine: Engine) -> Iterator[Session]:
+    """A session in one write transaction, committed on success and rolled back on error.
+
+    On SQLite it starts with BEGIN IMMEDIATE, so it waits (up to the busy timeout) for another
+    writer instead of failing. Keep it short: never run the model inside it.
+    """
+    with _translate_errors(engine), Session(engine, expire_on_commit=False) as session:
+        session.connection(execution_options=write_options())  # begins the transaction now
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+
+@contextmanager
+def _translate_errors(engine: Engine) -> Iterator[None]:
+    """Turn the driver's operational errors (locked, corrupt, disk full) into DatabaseError."""
+    try:
+        yield
+    except sqlalchemy.exc.IntegrityError:
+        raise  # a bug or a race for the caller to handle, not a broken database
+    except sqlalchemy.exc.DBAPIError as e:
+        raise DatabaseError(error_message(engine, e)) from e
+
+
+def error_message(engine: Engine, error: sqlalchemy.exc.DBAPIError) -> str:
+    """A one-line message for a driver error, naming the database."""
+    reason = str(error.orig).strip().splitlines()[0] if error.orig is not None else str(error)
+    where = describe(engine)
+    if "database is locked" in reason or "database is busy" in reason:
+        return (f"database {where} is locked: another process held it for more than "
+                f"{BUSY_TIMEOUT_SECONDS:.0f} s")
+    return f"database {where}: {reason}"
