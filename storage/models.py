@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -62,8 +63,9 @@ class Photo(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     root_id: Mapped[int] = mapped_column(ForeignKey("album_root.id", ondelete="CASCADE"))
     relpath: Mapped[str] = mapped_column(String(4096))
-    size: Mapped[int] = mapped_column(Integer)
-    mtime_ns: Mapped[int] = mapped_column(Integer)
+    # 64-bit: nanosecond mtimes (and files over 2 GiB) overflow PostgreSQL's 32-bit INTEGER.
+    size: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
     content_hash: Mapped[str | None] = mapped_column(String(64))
     width: Mapped[int | None] = mapped_column(Integer)
     height: Mapped[int | None] = mapped_column(Integer)
