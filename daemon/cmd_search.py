@@ -1,0 +1,388 @@
+"""Read-only commands: ``search``, ``tags``, ``show``, ``status``.
+
+They open the database with ``open_for_read`` (never creating or upgrading it) and must never import
+torch or the tagger; storage and SQLAlchemy are imported inside the commands so that merely
+listing commands stays fast.
+
+Exit codes: 0 success (also when nothing matched), 1 unknown tag / file not indexed / database
+problem, 2 malformed query or options.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from daemon.cli import EX_USAGE, App, fail, pass_app
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+# Fields of ``search --format``; documented in the README and the --help text.
+FORMAT_FIELDS = {
+    "path": "absolute path",
+    "relpath": "path relative to its album root",
+    "root": "album root folder",
+    "name": "file name",
+    "date": "taken date YYYY-MM-DD ('' if unknown)",
+    "taken_at": "taken date and time YYYY-MM-DD HH:MM:SS ('' if unknown)",
+    "score": "best score among the tags the query matched (a float; 0.0 if none)",
+    "tags": "the photo's tags, best first, comma-separated",
+    "status": "pending, tagged or error",
+    "id": "database id",
+}
+
+
+@contextmanager
+def _session(app: App) -> Iterator[Session]:
+    """A read session on the existing database; a missing/too-new/corrupt one exits 1."""
+    from storage.db import DatabaseError, read_session
+    from storage.migrate import open_for_read
+
+    try:
+        engine = open_for_read(app.db_url)
+    except DatabaseError as e:
+        fail(str(e), 1)
+    try:
+        with read_session(engine) as session:
+            yield session
+    except DatabaseError as e:
+        fail(str(e), 1)
+    finally:
+        engine.dispose()
+
+
+class _Output:
+    """Binary stdout: paths are written as the bytes they have on disk (os.fsencode)."""
+
+    def __init__(self) -> None:
+        self.stream = sys.stdout.buffer
+
+    def write(self, text: str) -> None:
+        self.stream.write(text.encode("utf-8", "surrogateescape"))
+
+    def write_path(self, path: str, end: bytes) -> None:
+        self.stream.write(os.fsencode(path) + end)
+
+
+@contextmanager
+def _quiet_broken_pipe() -> Iterator[None]:
+    """``phototag search cat | head`` must end quietly when head stops reading."""
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(0)
+
+
+def _unescape(fmt: str) -> str:
+    r"""``\t``, ``\n``, ``\0`` and ``\\`` in a --format string, as typed in single quotes."""
+    out, i = [], 0
+    table = {"t": "\t", "n": "\n", "0": "\0", "\\": "\\"}
+    while i < len(fmt):
+        if fmt[i] == "\\" and i + 1 < len(fmt) and fmt[i + 1] in table:
+            out.append(table[fmt[i + 1]])
+            i += 2
+        else:
+            out.append(fmt[i])
+            i += 1
+    return "".join(out)
+
+
+def _format_fields(fmt: str) -> set[str]:
+    """The field names a --format string uses; bad syntax or unknown fields exit 2."""
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(fmt) if name is not None}
+    except ValueError as e:
+        fail(f"--format {fmt!r}: {e}", EX_USAGE)
+    for name in names:
+        if name not in FORMAT_FIELDS:
+            shown = name or "{}"
+            fail(f"--format: unknown field {shown!r}; fields: {', '.join(FORMAT_FIELDS)}",
+                 EX_USAGE)
+    return names
+
+
+def _iso(value: datetime | None, sep: str = " ") -> str:
+    return value.isoformat(sep=sep, timespec="seconds") if value else ""
+
+
+def _format_help() -> str:
+    return "; ".join(f"{{{k}}} {v}" for k, v in FORMAT_FIELDS.items())
+
+
+@click.command(context_settings={"ignore_unknown_options": True})
+@click.argument("query", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of photos with tags.")
+@click.option("--format", "fmt", metavar="FMT",
+              help="Print each photo with a Python format string; \\t and \\n work. Fields: "
+                   + _format_help() + ".")
+@click.option("--limit", type=click.IntRange(min=0), metavar="N", help="Print at most N photos.")
+@click.option("--sort", "sort_key", metavar="KEY",
+              help="score (best first), date (oldest first) or path (default); add + or - for "
+                   "ascending / descending. Sort terms in the query (date-) come first.")
+@click.option("-0", "--null", "null", is_flag=True,
+              help="End each path with NUL instead of a newline (for xargs -0).")
+@pass_app
+def search(app: App, query: tuple[str, ...], as_json: bool, fmt: str | None, limit: int | None,
+           sort_key: str | None, null: bool) -> None:
+    """Find photos by tag, score, path and date; print their paths.
+
+    \b
+    Examples:
+      phototag search cat                 cats, tabbies, ... (narrower tags too)
+      phototag search cat dog             photos with a cat and a dog
+      phototag search cat , dog           photos with a cat or a dog
+      phototag search animal ^dog         animals but no dog (also -- -dog)
+      phototag search 猫 score:0.6..      cats with a score of at least 0.6
+      phototag search date:2023-06..2023-08 path:trips/ date-
+      phototag search date:-1w..          taken in the last week
+
+    Unknown tag: exit 1 with suggestions. Malformed query: exit 2.
+    """
+    from storage.query import QueryError, UnknownTagError, parse_query, parse_sort
+    from storage.query import search as run_search
+    from storage.query import tags_of
+
+    if as_json and (fmt or null):
+        fail("--json cannot be combined with --format or -0", EX_USAGE)
+    # An option typo (--limt) would otherwise become a query term through ignore_unknown_options.
+    for term in query:
+        if term.startswith("--") and term != "--":
+            fail(f"no such option: {term}", EX_USAGE)
+    terms = [t for t in query if t != "--"]
+    try:
+        parsed = parse_query(terms)
+        extra_sort = [parse_sort(sort_key)] if sort_key else []
+    except QueryError as e:
+        fail(f"bad query {' '.join(terms)!r}: {e}", EX_USAGE)
+    if not parsed.sort and not extra_sort:
+        extra_sort = [parse_sort("path")]
+    fields = _format_fields(_unescape(fmt)) if fmt else set()
+
+    with _session(app) as session:
+        try:
+            hits = run_search(session, parsed, sort=extra_sort, limit=limit,
+                              with_score=as_json or "score" in fields)
+        except UnknownTagError as e:
+            fail(str(e), 1)
+        tags = tags_of(session, [h.id for h in hits]) if as_json or "tags" in fields else {}
+
+    out = _Output()
+    with _quiet_broken_pipe():
+        if as_json:
+            records = [{
+                "path": h.path,
+                "root": h.root,
+                "relpath": h.relpath,
+                "taken_at": _iso(h.taken_at, "T") or None,
+                "status": h.status,
+                "score": h.score,
+                "tags": [{"name": t.name, "zh": t.zh, "score": t.score, "source": t.source}
+                         for t in tags[h.id]],
+            } for h in hits]
+            out.write(json.dumps(records, ensure_ascii=False, indent=2) + "\n")
+        elif fmt:
+            template = _unescape(fmt)
+            end = "\0" if null else "\n"
+            for h in hits:
+                values: dict[str, Any] = {
+                    "path": h.path, "relpath": h.relpath, "root": h.root,
+                    "name": os.path.basename(h.relpath),
+                    "date": h.taken_at.date().isoformat() if h.taken_at else "",
+                    "taken_at": _iso(h.taken_at), "score": h.score or 0.0,
+                    "tags": ",".join(t.name for t in tags.get(h.id, ())),
+                    "status": h.status, "id": h.id,
+                }
+                try:
+                    out.write(template.format_map(values) + end)
+                except (ValueError, TypeError) as e:
+                    fail(f"--format {fmt!r}: {e}", EX_USAGE)
+        else:
+            end = b"\0" if null else b"\n"
+            for h in hits:
+                out.write_path(h.path, end)
+
+
+@click.command()
+@click.option("--all", "show_all", is_flag=True, help="Also list tags no photo has.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_app
+def tags(app: App, show_all: bool, as_json: bool) -> None:
+    """List tags with the number of photos tagged with each (most first).
+
+    The count is of photos with that very tag; searching for a tag also finds its narrower tags.
+    """
+    from sqlalchemy import func, select
+
+    from storage.models import PhotoTag, Tag, TagParent
+
+    with _session(app) as session:
+        counts = dict(session.execute(
+            select(PhotoTag.tag_id, func.count(func.distinct(PhotoTag.photo_id)))
+            .group_by(PhotoTag.tag_id)).all())
+        all_tags = session.execute(select(Tag.id, Tag.name, Tag.zh)).all()
+        names = {tag_id: name for tag_id, name, _ in all_tags}
+        broader: dict[int, list[str]] = {}
+        for tag_id, parent_id in session.execute(select(TagParent.tag_id, TagParent.parent_id)):
+            broader.setdefault(tag_id, []).append(names[parent_id])
+    rows = [(counts.get(tag_id, 0), name, zh, sorted(broader.get(tag_id, [])))
+            for tag_id, name, zh in all_tags if show_all or counts.get(tag_id)]
+    rows.sort(key=lambda r: (-r[0], r[1]))
+    out = _Output()
+    with _quiet_broken_pipe():
+        if as_json:
+            out.write(json.dumps([{"name": n, "zh": zh, "photos": c, "broader": b}
+                                  for c, n, zh, b in rows], ensure_ascii=False, indent=2) + "\n")
+            return
+        width = max((len(str(r[0])) for r in rows), default=1)
+        for count, name, zh, parents in rows:
+            line = f"{count:>{width}}  {name}"
+            if zh:
+                line += f"  {zh}"
+            if parents:
+                line += f"  (< {', '.join(parents)})"
+            out.write(line + "\n")
+
+
+def _find_photo(session: Session, file: str):
+    """The Photo for ``file``, matched as root + relpath (also through symlinks), or None."""
+    from pathlib import Path
+
+    from sqlalchemy import select
+
+    from storage.models import AlbumRoot, Photo
+
+    candidates = {os.path.abspath(file), os.path.realpath(file)}
+    for root_id, root_path in session.execute(select(AlbumRoot.id, AlbumRoot.path)):
+        for root in {root_path, os.path.realpath(root_path)}:
+            for candidate in candidates:
+                try:
+                    relpath = Path(candidate).relative_to(root).as_posix()
+                except ValueError:
+                    continue
+                photo = session.execute(select(Photo).where(
+                    Photo.root_id == root_id, Photo.relpath == relpath)).scalar_one_or_none()
+                if photo is not None:
+                    return photo, os.path.join(root_path, photo.relpath)
+    return None, None
+
+
+@click.command()
+@click.argument("file", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_app
+def show(app: App, file: str, as_json: bool) -> None:
+    """Show one photo's tags and scores, status and the model that tagged it."""
+    from storage.query import tags_of
+
+    with _session(app) as session:
+        photo, path = _find_photo(session, file)
+        if photo is None:
+            fail(f"{file}: not in the index (run `phototag index` on its album folder)", 1)
+        tag_rows = tags_of(session, [photo.id])[photo.id]
+        info = {
+            "path": path,
+            "status": photo.status,
+            "error": photo.error,
+            "taken_at": _iso(photo.taken_at, "T") or None,
+            "size": photo.size,
+            "width": photo.width,
+            "height": photo.height,
+            "tagged_at": _iso(photo.tagged_at, "T") or None,
+            "model": photo.model,
+            "mapping_version": photo.mapping_version,
+            "tags": [{"name": t.name, "zh": t.zh, "score": t.score, "source": t.source}
+                     for t in tag_rows],
+        }
+    out = _Output()
+    with _quiet_broken_pipe():
+        if as_json:
+            out.write(json.dumps(info, ensure_ascii=False, indent=2) + "\n")
+            return
+        for key in ("path", "status", "error", "taken_at", "size", "width", "height",
+                    "tagged_at", "model", "mapping_version"):
+            if info[key] is not None:
+                out.write(f"{key + ':':<17}{info[key]}\n")
+        if tag_rows:
+            out.write("tags:\n")
+            for t in tag_rows:
+                zh = f"  {t.zh}" if t.zh else ""
+                source = f"  [{t.source}]" if t.source != "model" else ""
+                out.write(f"  {t.score:.3f}  {t.name}{zh}{source}\n")
+        else:
+            out.write("tags:            (none)\n")
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_app
+def status(app: App, as_json: bool) -> None:
+    """Show the library: photos per status, queue, errors, database, models in use."""
+    from sqlalchemy import func, select
+
+    from storage.db import describe
+    from storage.migrate import head_revision
+    from storage.models import ERROR, PENDING, STATUSES, AlbumRoot, Meta, Photo, Tag
+
+    with _session(app) as session:
+        per_status = dict.fromkeys(STATUSES, 0)
+        per_status.update(session.execute(
+            select(Photo.status, func.count()).group_by(Photo.status)).all())
+        now = datetime.now()
+        retry_due = session.execute(select(func.count()).select_from(Photo).where(
+            Photo.status == ERROR, Photo.retry_at.is_not(None), Photo.retry_at <= now)).scalar()
+        models = [{"model": m, "mapping_version": v, "photos": n} for m, v, n in session.execute(
+            select(Photo.model, Photo.mapping_version, func.count())
+            .where(Photo.model.is_not(None))
+            .group_by(Photo.model, Photo.mapping_version)
+            .order_by(func.count().desc()))]
+        roots = [{"path": p, "photos": n} for p, n in session.execute(
+            select(AlbumRoot.path, func.count(Photo.id))
+            .outerjoin(Photo, Photo.root_id == AlbumRoot.id)
+            .group_by(AlbumRoot.id, AlbumRoot.path).order_by(AlbumRoot.path))]
+        tag_count = session.execute(select(func.count()).select_from(Tag)).scalar()
+        last_nightly = session.execute(
+            select(Meta.value).where(Meta.key == "last_nightly_run")).scalar_one_or_none()
+        where = describe(session.get_bind())
+    info = {
+        "database": where,
+        "schema": head_revision(),
+        "photos": sum(per_status.values()),
+        "by_status": per_status,
+        "pending_queue": per_status[PENDING],
+        "errors": per_status[ERROR],
+        "errors_due_for_retry": retry_due,
+        "albums": roots,
+        "tags": tag_count,
+        "models": models,
+        "last_nightly_run": last_nightly,
+    }
+    out = _Output()
+    with _quiet_broken_pipe():
+        if as_json:
+            out.write(json.dumps(info, ensure_ascii=False, indent=2) + "\n")
+            return
+        out.write(f"database:         {where} (schema {info['schema']})\n")
+        out.write(f"photos:           {info['photos']}\n")
+        for name in STATUSES:
+            out.write(f"  {name + ':':<16}{per_status[name]}\n")
+        out.write(f"pending queue:    {info['pending_queue']}\n")
+        out.write(f"errors:           {info['errors']} ({retry_due} due for retry)\n")
+        out.write(f"tags:             {tag_count}\n")
+        for root in roots:
+            out.write(f"album:            {root['path']} ({root['photos']} photos)\n")
+        for m in models:
+            out.write(f"model:            {m['model']} mapping {m['mapping_version']} "
+                      f"({m['photos']} photos)\n")
+        out.write(f"last nightly run: {last_nightly or 'never'}\n")

@@ -1,0 +1,271 @@
+"""Compile a parsed Query to one SQLAlchemy SELECT and run it.
+
+The tag hierarchy (a few hundred tags) is resolved in Python: a tag term becomes
+``photo.id IN (SELECT photo_id FROM photo_tag WHERE tag_id IN (<the tag and its narrower tags>))``,
+which every database can answer from the (tag_id, score) index. No SQLite-only SQL.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import ColumnElement, Select, and_, false, func, not_, or_, select
+from sqlalchemy.orm import Session
+
+from storage.models import AlbumRoot, Photo, PhotoTag, Tag, TagParent
+from storage.query_parse import (
+    DateTerm,
+    PathTerm,
+    Query,
+    ScoreTerm,
+    SortKey,
+    StatusTerm,
+    TagTerm,
+    Term,
+    parse_query,
+)
+
+
+class UnknownTagError(Exception):
+    """A tag term names no tag (by name or Chinese name); ``suggestions`` are the nearest ones."""
+
+    def __init__(self, name: str, index: int, suggestions: list[str]):
+        self.name = name
+        self.index = index
+        self.suggestions = suggestions
+        message = f"unknown tag {name!r}"
+        if suggestions:
+            message += f"; did you mean: {', '.join(suggestions)}?"
+        else:
+            message += "; 'phototag tags' lists the known tags"
+        if "," in name and name != ",":
+            message += " (an OR is a lone ',' between spaces: cat , dog)"
+        super().__init__(message)
+
+
+@dataclass
+class TagIndex:
+    """All tags and the narrower-than edges, loaded once per query (a few hundred rows)."""
+
+    names: dict[int, str] = field(default_factory=dict)
+    zh: dict[int, str] = field(default_factory=dict)
+    children: dict[int, set[int]] = field(default_factory=dict)
+    _by_name: dict[str, set[int]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, session: Session) -> TagIndex:
+        index = cls()
+        for tag_id, name, zh in session.execute(select(Tag.id, Tag.name, Tag.zh)):
+            index.names[tag_id] = name
+            index._by_name.setdefault(name.casefold(), set()).add(tag_id)
+            if zh:
+                index.zh[tag_id] = zh
+                index._by_name.setdefault(zh.casefold(), set()).add(tag_id)
+        for tag_id, parent_id in session.execute(select(TagParent.tag_id, TagParent.parent_id)):
+            index.children.setdefault(parent_id, set()).add(tag_id)
+        return index
+
+    def lookup(self, name: str) -> set[int]:
+        """The tags called ``name`` (case-insensitive) or whose Chinese name is ``name``."""
+        return set(self._by_name.get(name.casefold(), ()))
+
+    def with_narrower(self, tag_ids: Iterable[int]) -> set[int]:
+        """``tag_ids`` and every tag narrower than one of them, transitively (cycles are safe)."""
+        seen = set(tag_ids)
+        stack = list(seen)
+        while stack:
+            for child in self.children.get(stack.pop(), ()):
+                if child not in seen:
+                    seen.add(child)
+                    stack.append(child)
+        return seen
+
+    def resolve(self, term: TagTerm) -> set[int]:
+        found = self.lookup(term.name)
+        if not found:
+            raise UnknownTagError(term.name, term.index, self.suggest(term.name))
+        return found if term.exact else self.with_narrower(found)
+
+    def suggest(self, name: str, n: int = 3) -> list[str]:
+        candidates = list(self.names.values()) + list(self.zh.values())
+        return difflib.get_close_matches(name, candidates, n=n, cutoff=0.6)
+
+
+@dataclass
+class Hit:
+    """One photo found by a search."""
+
+    id: int
+    root: str
+    relpath: str
+    taken_at: datetime | None
+    status: str
+    score: float | None = None  # the best score among the tag rows the query matched on
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.root, self.relpath)
+
+
+def build_select(query: Query, tags: TagIndex, *, roots: Sequence[tuple[int, str]] = (),
+                 extra_sort: Sequence[SortKey] = (), with_score: bool = False,
+                 limit: int | None = None) -> Select:
+    """The SELECT of (id, root, relpath, taken_at, status[, score]) for ``query``.
+
+    ``roots`` (id, path) pairs let absolute ``path:`` terms become conditions on root_id and
+    relpath; ``extra_sort`` comes after the query's own sort keys (``--sort``).
+    """
+    sort = list(query.sort) + list(extra_sort)
+    with_score = with_score or any(k.field == "score" for k in sort)
+    columns = [Photo.id, AlbumRoot.path, Photo.relpath, Photo.taken_at, Photo.status]
+    score = _score_expression(query, tags) if with_score else None
+    if score is not None:
+        columns.append(score.label("score"))
+    stmt = select(*columns).join(AlbumRoot, Photo.root_id == AlbumRoot.id)
+    if query.alternatives:
+        stmt = stmt.where(or_(*(and_(*_alternative(alt, tags, roots))
+                                for alt in query.alternatives)))
+    order: list[ColumnElement] = []
+    for key in sort:
+        if key.field == "score":
+            expr = func.coalesce(score, 0.0)
+            order.append(expr.desc() if key.descending else expr.asc())
+        elif key.field == "date":
+            order.append(Photo.taken_at.is_(None).asc())  # undated photos last either way
+            order.append(Photo.taken_at.desc() if key.descending else Photo.taken_at.asc())
+        else:
+            order.extend(c.desc() if key.descending else c.asc()
+                         for c in (AlbumRoot.path, Photo.relpath))
+    order.extend((AlbumRoot.path.asc(), Photo.relpath.asc()))  # a stable order for ties
+    stmt = stmt.order_by(*order)
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    return stmt
+
+
+def _tagged(tag_ids: set[int] | None, scores: list[ScoreTerm]) -> ColumnElement[bool]:
+    """``photo.id IN (photos with one of tag_ids (None = any tag) at a score in every range)``."""
+    conditions: list[ColumnElement[bool]] = []
+    if tag_ids is not None:
+        conditions.append(PhotoTag.tag_id.in_(sorted(tag_ids)))
+    conditions.extend(_score_ranges(scores))
+    return Photo.id.in_(select(PhotoTag.photo_id).where(*conditions))
+
+
+def _score_ranges(scores: list[ScoreTerm]) -> list[ColumnElement[bool]]:
+    conditions = []
+    for s in scores:
+        if s.low is not None:
+            conditions.append(PhotoTag.score >= s.low)
+        if s.high is not None:
+            conditions.append(PhotoTag.score <= s.high)
+    return conditions
+
+
+def _alternative(terms: list[Term], tags: TagIndex,
+                 roots: Sequence[tuple[int, str]]) -> list[ColumnElement[bool]]:
+    scores = [t for t in terms if isinstance(t, ScoreTerm)]
+    conditions: list[ColumnElement[bool]] = []
+    if scores and not any(isinstance(t, TagTerm) for t in terms):
+        conditions.append(_tagged(None, scores))  # score:0.9.. alone: any tag that sure
+    for term in terms:
+        if isinstance(term, TagTerm):
+            condition = _tagged(tags.resolve(term), scores)
+        elif isinstance(term, PathTerm):
+            condition = _path_condition(term, roots)
+        elif isinstance(term, DateTerm):
+            condition = and_(Photo.taken_at.is_not(None),
+                             *([Photo.taken_at >= term.start] if term.start else []),
+                             *([Photo.taken_at < term.end] if term.end else []))
+        elif isinstance(term, StatusTerm):
+            condition = Photo.status == term.status
+        else:
+            continue  # ScoreTerm: folded into the tag terms above
+        conditions.append(not_(condition) if term.negated else condition)
+    return conditions
+
+
+def _path_condition(term: PathTerm, roots: Sequence[tuple[int, str]]) -> ColumnElement[bool]:
+    """Relative: substring of relpath. Absolute: prefix of root + '/' + relpath, compiled per root
+    into root_id / relpath-prefix conditions so no string concatenation happens in SQL."""
+    if not term.absolute:
+        return Photo.relpath.icontains(term.value, autoescape=True)
+    wanted = os.path.expanduser(term.value)
+    matches: list[ColumnElement[bool]] = []
+    for root_id, root_path in roots:
+        root = root_path.rstrip("/") + "/"
+        if root.casefold().startswith(wanted.casefold()):
+            matches.append(Photo.root_id == root_id)  # the whole album root is inside
+        elif wanted.casefold().startswith(root.casefold()):
+            rest = wanted[len(root):]
+            matches.append(and_(Photo.root_id == root_id,
+                                Photo.relpath.istartswith(rest, autoescape=True)))
+    return or_(*matches) if matches else false()
+
+
+def _score_expression(query: Query, tags: TagIndex) -> ColumnElement:
+    """Max score over the photo's tag rows that the query's (positive) tag and score terms
+    matched on; over all its tags when the query has no such term."""
+    per_alternative: list[ColumnElement[bool]] = []
+    for alt in query.alternatives:
+        scores = [t for t in alt if isinstance(t, ScoreTerm)]
+        positive = [t for t in alt if isinstance(t, TagTerm) and not t.negated]
+        conditions = _score_ranges(scores)
+        if positive:
+            tag_ids: set[int] = set()
+            for term in positive:
+                tag_ids |= tags.resolve(term)
+            conditions.append(PhotoTag.tag_id.in_(sorted(tag_ids)))
+        if conditions:
+            per_alternative.append(and_(*conditions))
+    stmt = select(func.max(PhotoTag.score)).where(PhotoTag.photo_id == Photo.id)
+    if per_alternative:
+        stmt = stmt.where(or_(*per_alternative))
+    return stmt.scalar_subquery()
+
+
+def search(session: Session, query: Query | Sequence[str] | str, *,
+           sort: Sequence[SortKey] = (), limit: int | None = None,
+           with_score: bool = False) -> list[Hit]:
+    """Run ``query`` and return the photos found, sorted by its sort keys then ``sort``, then
+    path. Raises QueryError (malformed) or UnknownTagError before touching the photo table."""
+    if not isinstance(query, Query):
+        query = parse_query(query)
+    tags = TagIndex.load(session)
+    roots = [tuple(r) for r in session.execute(select(AlbumRoot.id, AlbumRoot.path))]
+    stmt = build_select(query, tags, roots=roots, extra_sort=sort, with_score=with_score,
+                        limit=limit)
+    hits = []
+    for row in session.execute(stmt):
+        hits.append(Hit(row[0], row[1], row[2], row[3], row[4],
+                        row[5] if len(row) > 5 else None))
+    return hits
+
+
+@dataclass
+class PhotoTagScore:
+    name: str
+    zh: str | None
+    score: float
+    source: str
+
+
+def tags_of(session: Session, photo_ids: Sequence[int],
+            chunk: int = 500) -> dict[int, list[PhotoTagScore]]:
+    """Each photo's tags, best score first (for --json and --format {tags})."""
+    result: dict[int, list[PhotoTagScore]] = {pid: [] for pid in photo_ids}
+    ids = list(photo_ids)
+    for start in range(0, len(ids), chunk):
+        rows = session.execute(
+            select(PhotoTag.photo_id, Tag.name, Tag.zh, PhotoTag.score, PhotoTag.source)
+            .join(Tag, Tag.id == PhotoTag.tag_id)
+            .where(PhotoTag.photo_id.in_(ids[start:start + chunk]))
+            .order_by(PhotoTag.photo_id, PhotoTag.score.desc(), Tag.name)
+        )
+        for photo_id, name, zh, score, source in rows:
+            result[photo_id].append(PhotoTagScore(name, zh, score, source))
+    return result
