@@ -1,0 +1,28 @@
+"""Write phototag's keywords to XMP sidecars or into JPEGs, and read the keywords photos carry.
+
+Never re-encodes an image, never removes a keyword someone else set, writes atomically.
+See :func:`write_keywords` and :func:`read_keywords`.
+"""
+
+from __future__ import annotations
+
+from .result import KeywordWriteError, WrittenKeywords
+from .sidecar import APPEND, REPLACE, sidecar_path
+from .tagpaths import ROOT, KeywordPath, normalize_tags
+from .writer import EMBEDDED, MODES, SIDECAR, read_keywords, write_keywords
+
+__all__ = [
+    "APPEND",
+    "EMBEDDED",
+    "MODES",
+    "REPLACE",
+    "ROOT",
+    "SIDECAR",
+    "KeywordPath",
+    "KeywordWriteError",
+    "WrittenKeywords",
+    "normalize_tags",
+    "read_keywords",
+    "sidecar_path",
+    "write_keywords",
+]

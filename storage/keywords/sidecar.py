@@ -1,0 +1,97 @@
+"""XMP sidecars: ``IMG_1234.jpg.xmp`` (digiKam, darktable) or ``IMG_1234.xmp`` (Lightroom)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Collection
+from pathlib import Path
+
+from . import xmp
+from .atomic import is_writable, replace_atomically
+from .result import KeywordWriteError
+from .tagpaths import KeywordPath
+
+APPEND = "append"
+REPLACE = "replace"
+NAMINGS = (APPEND, REPLACE)
+
+
+def sidecar_path(photo: Path, naming: str = APPEND) -> Path:
+    if naming == APPEND:
+        return photo.with_name(photo.name + ".xmp")
+    if naming == REPLACE:
+        return photo.with_suffix(".xmp")
+    raise ValueError(f"sidecar naming must be one of {NAMINGS}, not {naming!r}")
+
+
+def read_sidecar(path: Path) -> tuple[xmp.XmpDoc, os.stat_result] | None:
+    """The parsed sidecar and its stat, None if there is none. Raises XmpError / OSError."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+            st = os.fstat(f.fileno())
+    except FileNotFoundError:
+        return None
+    return xmp.parse(data), st
+
+
+def write_sidecar(
+    photo: Path,
+    photo_stat: os.stat_result,
+    keywords: list[KeywordPath],
+    previous: Collection[str],
+    naming: str,
+    photo_unchanged,
+) -> tuple[Path, list[str]]:
+    """Merge ``keywords`` into the photo's sidecar (created if missing). Returns (path, owned)."""
+    path = sidecar_path(photo, naming)
+    folder_st = os.stat(path.parent)
+    if not is_writable(path.parent, folder_st):
+        raise KeywordWriteError(path, "folder is read-only; sidecar not written")
+    try:
+        existing = read_sidecar(path)
+    except xmp.XmpError as exc:
+        raise KeywordWriteError(path, f"existing sidecar is not valid XMP ({exc}); left untouched")
+    if existing is None:
+        doc, side_st = xmp.new_doc(), None
+        mode = stat.S_IMODE(photo_stat.st_mode) & 0o666
+        owner = (photo_stat.st_uid, photo_stat.st_gid)
+    else:
+        doc, side_st = existing
+        if not is_writable(path, side_st):
+            raise KeywordWriteError(path, "sidecar is read-only; not written")
+        mode, owner = side_st.st_mode, (side_st.st_uid, side_st.st_gid)
+    try:
+        owned = xmp.merge_keywords(doc, keywords, previous)
+    except xmp.XmpError as exc:
+        raise KeywordWriteError(path, f"existing sidecar cannot be merged ({exc}); left untouched")
+    expected = xmp.get_list(doc, xmp.DC_SUBJECT)
+    data = xmp.serialize(doc)
+
+    def verify(tmp: Path) -> None:
+        got = xmp.get_list(xmp.parse(tmp.read_bytes()), xmp.DC_SUBJECT)
+        if got != expected:
+            raise KeywordWriteError(path, "sidecar did not read back as written; not replaced")
+
+    def unchanged() -> None:
+        photo_unchanged()
+        now = _stat_or_none(path)
+        if (now is None) != (side_st is None) or (now and not _same_file(now, side_st)):
+            raise KeywordWriteError(path, "sidecar changed while writing; not replaced")
+
+    replace_atomically(
+        path, data, mode=mode, owner=owner, times_ns=None, verify=verify, unchanged=unchanged
+    )
+    return path, owned
+
+
+def _stat_or_none(path: Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_ino, a.st_size, a.st_mtime_ns) == (b.st_ino, b.st_size, b.st_mtime_ns)
