@@ -73,8 +73,8 @@ def _configure_sqlite(engine: Engine) -> None:
             cursor.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
             cursor.execute("PRAGMA foreign_keys = ON")
             cursor.execute("PRAGMA synchronous = NORMAL")
-            # Persistent in the file once set; a read-only or in-memory database keeps its mode.
-            cursor.execute("PRAGMA journal_mode = WAL")
+            # WAL is set once, in the file, by storage.migrate: a connection must not rewrite
+            # the header of a file that may not even be ours.
         finally:
             cursor.close()
 
@@ -84,6 +84,19 @@ def _configure_sqlite(engine: Engine) -> None:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
         else:
             connection.exec_driver_sql("BEGIN")
+
+
+def ensure_wal(engine: Engine) -> None:
+    """Switch an SQLite database file to WAL mode (persistent); a no-op for other databases."""
+    if sqlite_path(engine) is None:
+        return
+    with engine.connect() as connection:
+        driver = connection.connection.driver_connection  # outside any transaction
+        if driver.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            mode = driver.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise DatabaseError(f"database {describe(engine)}: cannot switch to WAL mode "
+                                    f"(got {mode}); is it on a network file system?")
 
 
 def write_options() -> dict:

@@ -22,7 +22,15 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, inspect, text
 
 import migrations
-from storage.db import DatabaseError, describe, error_message, make_engine, sqlite_path, write_options
+from storage.db import (
+    DatabaseError,
+    describe,
+    ensure_wal,
+    error_message,
+    make_engine,
+    sqlite_path,
+    write_options,
+)
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +148,10 @@ def upgrade(engine: Engine, *, backup: bool = False) -> Path | None:
     Raises DatabaseCorrupt / DatabaseTooNew rather than touch a database it does not understand.
     """
     current = state(engine)
+    try:
+        ensure_wal(engine)
+    except sqlalchemy.exc.DBAPIError as e:
+        raise DatabaseError(error_message(engine, e)) from e
     if current.at_head:
         return None
     path = sqlite_path(engine)
