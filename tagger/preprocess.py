@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 if TYPE_CHECKING:
+    import torch
+
     from tagger.backbones import Backbone
 
 try:  # optional extra: phototag[heif]
@@ -200,6 +201,8 @@ def preprocess(image: Image.Image, backbone: Backbone) -> torch.Tensor:
 
 def to_tensor(image: Image.Image, backbone: Backbone) -> torch.Tensor:
     """RGB image -> (3, H, W) float tensor scaled to [0, 1] and normalised with the backbone's mean/std."""
+    import torch  # here, so that decoding alone (load_image) needs only Pillow
+
     tensor = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
     tensor = tensor.to(torch.float32).div_(255)
     mean = torch.tensor(backbone.mean, dtype=torch.float32).view(3, 1, 1)
