@@ -1,0 +1,189 @@
+"""The file system side of indexing: which files are photos, walking album folders, file facts.
+
+Nothing here touches the database or the model.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+
+log = logging.getLogger(__name__)
+
+HASH_NAME = "sha256"  # ~1.5 GB/s with the CPU's SHA extensions: a few ms per photo
+
+
+class PhotoFilter:
+    """Decides from its path alone whether a file is a photo to index.
+
+    A path is excluded when any of its components matches one of the ``exclude`` patterns
+    (fnmatch, case-sensitive: ``@eaDir``, ``.*``, ``*.part``); otherwise it is kept when its
+    extension is one of ``extensions`` (case-insensitive).
+    """
+
+    def __init__(self, exclude: Iterable[str], extensions: Iterable[str]) -> None:
+        self.exclude = tuple(exclude)
+        self.extensions = frozenset(
+            e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+
+    def excluded_name(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude)
+
+    def wanted_name(self, name: str) -> bool:
+        return os.path.splitext(name)[1].lower() in self.extensions and not self.excluded_name(name)
+
+    def wanted(self, relpath: str) -> bool:
+        """For a path relative to an album root (the daemon checks its events with this)."""
+        parts = PurePosixPath(relpath).parts
+        return bool(parts) and self.wanted_name(parts[-1]) and not any(
+            self.excluded_name(part) for part in parts[:-1])
+
+
+@dataclass(frozen=True)
+class FileStat:
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class ScanResult:
+    """The photos found under a folder: relpath (relative to the album root) -> size and mtime.
+
+    ``unreadable`` lists folders (relpaths) that could not be listed; their photos must not be
+    taken for deleted. ``problems`` holds one line per such folder or file, for warnings.
+    """
+
+    files: dict[str, FileStat] = field(default_factory=dict)
+    unreadable: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def scan_tree(root: Path, photo_filter: PhotoFilter, under: str = "") -> ScanResult:
+    """Walk ``root``/``under`` recursively with os.scandir, not following symlinked folders."""
+    result = ScanResult()
+    start = root.joinpath(*PurePosixPath(under).parts) if under else root
+    stack: list[tuple[Path, str]] = [(start, under)]
+    while stack:
+        folder, relfolder = stack.pop()
+        try:
+            with os.scandir(folder) as entries:
+                entries = list(entries)
+        except OSError as e:
+            result.unreadable.append(relfolder)
+            result.problems.append(f"{folder}: cannot list folder: {e.strerror or e}")
+            continue
+        for entry in entries:
+            if photo_filter.excluded_name(entry.name):
+                continue
+            relpath = f"{relfolder}/{entry.name}" if relfolder else entry.name
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append((Path(entry.path), relpath))
+                    continue
+                if not photo_filter.wanted_name(entry.name) or not entry.is_file():
+                    continue
+                stat = entry.stat()
+            except OSError as e:
+                result.problems.append(f"{entry.path}: cannot read: {e.strerror or e}")
+                continue
+            result.files[relpath] = FileStat(stat.st_size, stat.st_mtime_ns)
+    return result
+
+
+def root_available(root: Path) -> bool:
+    """Whether an album root can be trusted to show what was deleted.
+
+    A share that is not mounted shows up as a missing folder or as its empty mount point; either
+    way its photos must not be removed from the index.
+    """
+    try:
+        with os.scandir(root) as entries:
+            return any(True for _ in entries)
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class FileFacts:
+    """What the indexer reads from a photo besides its pixels."""
+
+    content_hash: str | None
+    taken_at: datetime | None
+    error: str | None = None
+
+
+def file_facts(path: Path) -> FileFacts:
+    """The file's content hash and EXIF DateTimeOriginal; ``error`` if the file cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, HASH_NAME).hexdigest()
+    except OSError as e:
+        return FileFacts(None, None, error=f"cannot read: {e.strerror or e}")
+    return FileFacts(digest, read_taken_at(path))
+
+
+# EXIF tags: DateTimeOriginal and DateTimeDigitized live in the Exif IFD (0x8769).
+_EXIF_IFD = 0x8769
+_DATETIME_ORIGINAL = 0x9003
+_DATETIME_DIGITIZED = 0x9004
+_heif_registered = False
+
+
+def read_taken_at(path: Path) -> datetime | None:
+    """When the photo was taken, from EXIF (the camera's local time, naive); None if unknown.
+
+    Pillow only reads the file's header here, not its pixels.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    _register_heif()
+    try:
+        with Image.open(path) as image:
+            exif_ifd = image.getexif().get_ifd(_EXIF_IFD)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+        return None
+    except Exception:  # a malformed EXIF block must not cost the photo its tags
+        log.debug("cannot read EXIF of %s", path, exc_info=True)
+        return None
+    for tag in (_DATETIME_ORIGINAL, _DATETIME_DIGITIZED):
+        taken = parse_exif_datetime(exif_ifd.get(tag))
+        if taken is not None:
+            return taken
+    return None
+
+
+def parse_exif_datetime(value: object) -> datetime | None:
+    """``"2023:06:01 14:03:22"`` -> datetime; None for blanks, zeros and other junk."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if not isinstance(value, str):
+        return None
+    value = value.strip().rstrip("\x00").strip()
+    for fmt in ("%Y:%m:%d %H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y:%m:%d %H:%M"):
+        try:
+            return datetime.strptime(value[:19], fmt)
+        except ValueError:
+            continue
+    return None
+
+
+def _register_heif() -> None:
+    global _heif_registered
+    if not _heif_registered:
+        _heif_registered = True
+        try:
+            import pillow_heif
+        except ImportError:
+            return
+        pillow_heif.register_heif_opener()
+
+
+def chunks(items: Sequence, size: int) -> Iterable[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
