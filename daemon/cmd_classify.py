@@ -12,7 +12,8 @@ from daemon.cli import EX_CONFIG, EX_USAGE, App, fail, pass_app
 
 
 @click.command()
-@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+# Unreadable paths and directories are reported per file, not refused by click.
+@click.argument("files", nargs=-1, required=True, type=click.Path(readable=False, path_type=Path))
 @click.option("--top", default=5, show_default=True, type=click.IntRange(1, 1000),
               help="How many ImageNet classes to show per file.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per file.")
