@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -65,11 +66,22 @@ def as_list(value) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
+def _run_exiftool(path: Path, *args: str) -> str:
+    out = subprocess.run(["exiftool", *args, str(path)], capture_output=True, check=True).stdout
+    return out.decode("utf-8", errors="replace")
+
+
+_run_exiftool_cached = functools.cache(_run_exiftool)
+
+
+def _exiftool_text(path: Path, *args: str) -> str:
+    """exiftool's output; asked once per session for the fixtures, which never change."""
+    return (_run_exiftool_cached if path.parent == CAMERA else _run_exiftool)(path, *args)
+
+
 def all_tags(path: Path) -> dict[tuple[str, str], list[str]]:
     """``exiftool -a -G1 -s -n`` as {(group, tag): [values]}, filesystem facts left out."""
-    out = subprocess.run(
-        ["exiftool", "-a", "-G1", "-s", "-n", str(path)], capture_output=True, check=True
-    ).stdout.decode("utf-8", errors="replace")
+    out = _exiftool_text(path, "-a", "-G1", "-s", "-n")
     tags: dict[tuple[str, str], list[str]] = {}
     for line in out.splitlines():
         head, _, value = line.partition(": ")
@@ -87,9 +99,7 @@ def changed_tags(before: Path, after: Path) -> set[tuple[str, str]]:
 
 
 def warnings(path: Path) -> set[str]:
-    out = subprocess.run(
-        ["exiftool", "-validate", "-warning", "-a", str(path)], capture_output=True, check=True
-    ).stdout.decode("utf-8", errors="replace")
+    out = _exiftool_text(path, "-validate", "-warning", "-a")
     return {line for line in out.splitlines() if line.startswith("Warning")}
 
 
@@ -150,7 +160,8 @@ def test_embedded_write_changes_only_keywords(photo):
     assert not sidecar_path(photo).exists()
 
 
-@pytest.mark.parametrize("photo", SAMPLES, indirect=True)
+# Both byte orders and the MakerNote-heavy files; the layout exiftool leaves is the same for all.
+@pytest.mark.parametrize("photo", ["r_casio.jpg", "r_olympus.jpg", "r_sony.jpg"], indirect=True)
 def test_retag_replaces_only_phototag_keywords(photo):
     # The user's own keywords, set with exiftool (which rewrites EXIF in its own layout).
     subprocess.run(
@@ -319,3 +330,35 @@ def test_bad_tag_is_refused(photo, bad):
     with pytest.raises(KeywordWriteError, match=r"r_sony\.jpg: bad tag"):
         write_keywords(photo, [("animal", bad)], mode="embedded")
     assert photo.read_bytes() == before
+
+
+def test_jfif_jpeg_without_exif_keeps_app0_and_skips_xpkeywords(tmp_path):
+    photo = tmp_path / "pillow.jpg"
+    Image.new("RGB", (32, 24), (10, 200, 30)).save(photo, quality=90)  # JFIF APP0, no EXIF
+    reference = tmp_path / "reference.jpg"
+    shutil.copy2(photo, reference)
+    result = write_keywords(photo, TAGS, mode="embedded")
+    assert not result.xpkeywords
+    assert result.notes == ["XPKeywords skipped: the JPEG has no EXIF block"]
+    assert as_list(keywords_seen(photo)["Subject"]) == LEAVES
+    data = photo.read_bytes()
+    assert data[2:4] == b"\xff\xe0" and data[6:11] == b"JFIF\x00"  # APP0 stays first
+    assert changed_tags(reference, photo) <= OURS
+    assert warnings(photo) <= warnings(reference)
+    assert pixels(photo) == pixels(reference)
+
+
+def test_pillow_jpeg_with_jfif_and_exif(tmp_path):
+    photo = tmp_path / "both.jpg"
+    exif = Image.Exif()
+    exif[0x010F] = "TestMake"  # Make
+    exif[0x0112] = 6  # Orientation
+    Image.new("RGB", (32, 24), "blue").save(photo, exif=exif.tobytes())
+    reference = tmp_path / "reference.jpg"
+    shutil.copy2(photo, reference)
+    result = write_keywords(photo, TAGS, mode="embedded")
+    assert result.xpkeywords
+    assert keywords_seen(photo)["XPKeywords"] == ";".join(LEAVES)
+    assert changed_tags(reference, photo) <= OURS
+    assert warnings(photo) <= warnings(reference)
+    assert photo.read_bytes()[6:11] == b"JFIF\x00"
