@@ -22,11 +22,11 @@ from typing import Any
 from tagger.results import TagScore
 
 NUM_CLASSES = 1000
-MIN_PROB = 1e-4  # class probabilities below this are skipped when summing (speed, not accuracy)
-DEFAULT_THRESHOLD = 0.2  # used only if a file's [defaults] doesn't say
+DEFAULT_CLASS_FLOOR = 0.001  # these three are used only if the files don't say
+DEFAULT_THRESHOLD = 0.2
 DEFAULT_PRIORITY = 50
 
-_TOP_KEYS = {"version", "drop", "defaults", "tags"}
+_TOP_KEYS = {"version", "class_floor", "drop", "defaults", "tags"}
 _DEFAULT_KEYS = {"threshold", "priority"}
 _TAG_KEYS = {"zh", "broader", "threshold", "priority", "classes"}
 
@@ -55,8 +55,9 @@ class LabelMap:
     """A validated, merged mapping, precomputed so that ``tags_for`` is cheap."""
 
     def __init__(self, version: str, classes: list[ImageNetClass], tags: dict[str, TagInfo],
-                 class_tag: list[str | None]) -> None:
+                 class_tag: list[str | None], class_floor: float = DEFAULT_CLASS_FLOOR) -> None:
         self.version = version
+        self.class_floor = class_floor  # class probabilities below this count for no tag
         self.classes = classes
         self._tags = tags
         self._class_tag = class_tag
@@ -73,8 +74,9 @@ class LabelMap:
             raise ValueError(f"expected {NUM_CLASSES} class probabilities, got {len(probs)}")
         n = len(self._infos)
         own = [0.0] * n  # friendly tag -> summed probability of its own classes
+        floor = self.class_floor
         for p, t in zip(probs, self._class_pos):
-            if p >= MIN_PROB and t >= 0:
+            if p >= floor and t >= 0:
                 own[t] += p
         scores = [0.0] * n  # every tag -> own classes plus those of every tag beneath it
         for t, closure in enumerate(self._closure):
@@ -120,6 +122,7 @@ def load_label_map(user_file: Path | None = None) -> LabelMap:
     tags = _build_tags(base_name, fields, base_defaults)
     class_tag: list[str | None] = [base.class_tag.get(i) for i in range(NUM_CLASSES)]
     version = base.version
+    class_floor = DEFAULT_CLASS_FLOOR if base.class_floor is None else base.class_floor
 
     if user_file is not None:
         user_name = str(user_file)
@@ -141,9 +144,11 @@ def load_label_map(user_file: Path | None = None) -> LabelMap:
             class_tag[i] = None
         theirs = user.version or "sha256-" + hashlib.sha256(raw).hexdigest()[:12]
         version = f"{version}+user:{theirs}"
+        if user.class_floor is not None:
+            class_floor = user.class_floor
         tags = _build_tags(user_name, fields, base_defaults)
 
-    return LabelMap(version, classes, tags, class_tag)
+    return LabelMap(version, classes, tags, class_tag, class_floor)
 
 
 # ---------------------------------------------------------------------------------------- parsing
@@ -152,6 +157,7 @@ def load_label_map(user_file: Path | None = None) -> LabelMap:
 @dataclass
 class _ParsedFile:
     version: str | None
+    class_floor: float | None
     defaults: dict[str, Any]
     fields: dict[str, dict[str, Any]]  # tag -> the fields this file sets (classes excluded)
     class_tag: dict[int, str]  # class index -> tag, for classes this file maps
@@ -181,6 +187,9 @@ def _parse_file(name: str, raw: bytes, wnid_index: dict[str, int]) -> _ParsedFil
     version = doc.get("version")
     if version is not None and (not isinstance(version, str) or not version.strip()):
         raise fail("'version' must be a non-empty string")
+    class_floor = doc.get("class_floor")
+    if class_floor is not None and not _is_fraction(class_floor):
+        raise fail(f"'class_floor' must be a number from 0 to 1, got {class_floor!r}")
 
     defaults = _table(doc, "defaults", fail)
     _no_unknown_keys(defaults, _DEFAULT_KEYS, "defaults.", fail)
@@ -222,7 +231,7 @@ def _parse_file(name: str, raw: bytes, wnid_index: dict[str, int]) -> _ParsedFil
         if "broader" in f:
             f["broader"] = tuple(f["broader"])
         fields[tag_name] = f
-    return _ParsedFile(version, defaults, fields, class_tag, drop)
+    return _ParsedFile(version, class_floor, defaults, fields, class_tag, drop)
 
 
 def _table(doc: dict[str, Any], key: str, fail: Any) -> dict[str, Any]:
@@ -246,11 +255,15 @@ def _check_field(key: str, value: Any, where: str, fail: Any) -> None:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise fail(f"{where}.{key} must be a list of strings")
     elif key == "threshold":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        if not _is_fraction(value):
             raise fail(f"{where}.threshold must be a number from 0 to 1, got {value!r}")
     elif key == "priority":
         if isinstance(value, bool) or not isinstance(value, int):
             raise fail(f"{where}.priority must be an integer, got {value!r}")
+
+
+def _is_fraction(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
 
 
 def _build_tags(file_name: str, fields: dict[str, dict[str, Any]],

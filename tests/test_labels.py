@@ -164,6 +164,18 @@ def test_dropped_class_gives_no_tags(label_map, index, cls):
     assert label_map.tags_for(probs_with(index, **{cls.replace(" ", "_"): 0.99})) == []
 
 
+def test_an_unsure_model_spread_thin_over_many_classes_gives_no_broad_tag(label_map, index):
+    # near-uniform output, as for a dark or blurry photo: ~0.36 lands on the animal classes in crumbs
+    probs = [0.0009] * 1000
+    probs[index["jellyfish"]] = 0.1
+    animal_classes = [c.index for c in label_map.classes if label_map.tag_of_class(c.index)
+                      and "animal" in ancestors(label_map, label_map.tag_of_class(c.index))]
+    animal_mass = sum(probs[i] for i in animal_classes)
+    assert animal_mass > label_map.tag("animal").threshold  # would pass if crumbs counted
+    assert label_map.class_floor > 0.0009
+    assert label_map.tags_for(probs) == []
+
+
 def test_tags_for_wants_1000_probabilities(label_map):
     with pytest.raises(ValueError):
         label_map.tags_for([0.5, 0.5])
@@ -225,6 +237,14 @@ threshold = 0.5
     assert load_label_map().tag_of_class(index["tabby"]) == "cat"
 
 
+def test_user_file_can_change_the_class_floor(tmp_path, index):
+    probs = [0.0009] * 1000
+    probs[index["jellyfish"]] = 0.1
+    m = load_label_map(write(tmp_path, "class_floor = 0.0\n"))
+    assert m.class_floor == 0.0
+    assert "animal" in scores(m.tags_for(probs))
+
+
 def test_user_file_without_version_gets_a_content_hash(tmp_path):
     m1 = load_label_map(write(tmp_path, '[tags.coffee]\nthreshold = 0.4\n', "a.toml"))
     m2 = load_label_map(write(tmp_path, '[tags.coffee]\nthreshold = 0.5\n', "b.toml"))
@@ -249,6 +269,7 @@ def test_user_file_without_version_gets_a_content_hash(tmp_path):
     ('[tags.cat]\nbroader = "animal"\n', "broader"),
     ('version = 3\n', "version"),
     ('drop = "n02123045"\n', "drop"),
+    ('class_floor = -1\n', "class_floor"),
     ('[tags.cat\nzh = "猫"\n', "not valid TOML"),
 ])
 def test_bad_user_file_raises_one_line_error_naming_the_file(tmp_path, text, problem):
