@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import piexif
@@ -362,3 +363,8 @@ def test_pillow_jpeg_with_jfif_and_exif(tmp_path):
     assert changed_tags(reference, photo) <= OURS
     assert warnings(photo) <= warnings(reference)
     assert photo.read_bytes()[6:11] == b"JFIF\x00"
+
+
+def test_keywords_package_does_not_import_torch():
+    code = "import sys, storage.keywords; sys.exit('torch' in sys.modules or 'tagger' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
