@@ -10,6 +10,7 @@ torch is imported inside the functions that need it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -116,9 +117,11 @@ def fetch_weights(backbone: Backbone, cache_dir: Path, *, url: str | None = None
 
     expected = hash_prefix(Path(urlparse(url).path).name) or backbone.expected_hash
     cache_dir = Path(cache_dir)
+    created = not cache_dir.exists()
     cache_dir.mkdir(parents=True, exist_ok=True)
     final = cache_dir / backbone.file_name
     temp = cache_dir / f".{backbone.file_name}.{uuid.uuid4().hex}.download"
+    offline_hint = f"without internet, download {backbone.file_name} elsewhere and run `phototag model import FILE`"
     try:
         try:
             torch.hub.download_url_to_file(url, str(temp), hash_prefix=expected, progress=progress)
@@ -129,9 +132,15 @@ def fetch_weights(backbone: Backbone, cache_dir: Path, *, url: str | None = None
                 f"{url}: sha256 of the download does not match the hash in its name: {_one_line(e)}"
             ) from None
         except (OSError, ValueError) as e:  # URLError and HTTPError are OSErrors
-            raise DownloadError(f"{url}: download failed: {_describe_os_error(e)}") from None
+            raise DownloadError(f"{url}: download failed: {_describe_os_error(e)}; {offline_hint}") from None
         apply_state_dict(backbone.architecture(), read_state_dict(temp, shown_as=url), url, backbone.name)
         os.replace(temp, final)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        if created:  # leave no empty cache dir behind either
+            with contextlib.suppress(OSError):
+                cache_dir.rmdir()
+        raise
     finally:
         temp.unlink(missing_ok=True)
     return final
