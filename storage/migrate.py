@@ -15,14 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import sqlalchemy.exc
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, inspect, text
 
-import migrations
-from storage.db import (
+# Alembic's INFO lines ("setup plugin ...", "Context impl SQLiteImpl.") mean nothing to a user;
+# set before alembic is imported, since it logs while importing.
+if logging.getLogger("alembic").level == logging.NOTSET:
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+from alembic import command  # noqa: E402
+from alembic.config import Config  # noqa: E402
+from alembic.runtime.migration import MigrationContext  # noqa: E402
+from alembic.script import ScriptDirectory  # noqa: E402
+from sqlalchemy import Connection, Engine, inspect, text  # noqa: E402
+
+import migrations  # noqa: E402
+from storage.db import (  # noqa: E402
     DatabaseError,
     describe,
     ensure_wal,

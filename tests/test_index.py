@@ -277,3 +277,287 @@ def test_meta(engine):
         library.set_meta(s, "k", "2")
     with read_session(engine) as s:
         assert library.get_meta(s, "k") == "2"
+
+
+# --- `phototag index` with the real tagger --------------------------------------------------
+
+
+class Library:
+    """An album folder, a config pointing at the test weights, a database, and a CLI runner."""
+
+    def __init__(self, tmp_path: Path, weights: Path) -> None:
+        self.album = tmp_path / "album"
+        self.db = tmp_path / "state" / "phototag.db"
+        self.config = tmp_path / "config.toml"
+        self.config.write_text(f'[model]\nweights = "{weights}"\nbatch_size = 4\n')
+        for i in range(4):
+            write_jpeg(self.album / f"2024/img{i}.jpg", i)
+        (self.album / "camera").mkdir()
+        shutil.copy(CAMERA / "r_canon.jpg", self.album / "camera/canon.jpg")
+        shutil.copy(CAMERA / "r_sony.jpg", self.album / "camera/sony.JPG")
+        write_jpeg(self.album / "@eaDir/img0.jpg/SYNOFILE_THUMB_M.jpg", 9)  # NAS thumbnail
+
+    def run(self, *args: str, ok: bool = True):
+        from daemon.cli import main
+
+        result = CliRunner().invoke(main, ["--config", str(self.config), "--db", str(self.db),
+                                           *args], catch_exceptions=False)
+        if ok:
+            assert result.exit_code == 0, result.output
+        return result
+
+    def index(self, *paths: Path, ok: bool = True):
+        return self.run("index", *(str(p) for p in (paths or [self.album])), ok=ok)
+
+    def photos(self) -> dict[str, dict]:
+        with sqlite3.connect(self.db) as db:
+            db.row_factory = sqlite3.Row
+            rows = db.execute("SELECT * FROM photo").fetchall()
+            tags = db.execute("SELECT photo_id, name, score FROM photo_tag"
+                              " JOIN tag ON tag.id = photo_tag.tag_id").fetchall()
+        by_id = {row["id"]: dict(row, tags={}) for row in rows}
+        for photo_id, name, score in tags:
+            by_id[photo_id]["tags"][name] = score
+        return {photo["relpath"]: photo for photo in by_id.values()}
+
+
+@pytest.fixture
+def lib(tmp_path, resnet18_weights) -> Library:
+    return Library(tmp_path, resnet18_weights)
+
+
+@pytest.fixture
+def inferred(monkeypatch) -> list[Path]:
+    """Every path the model is asked to tag, in order."""
+    from tagger.engine import Tagger
+
+    seen: list[Path] = []
+    original = Tagger.tag_files
+
+    def counting(self, paths, *args, **kwargs):
+        def record(paths):
+            for path in paths:
+                seen.append(Path(path))
+                yield path
+        return original(self, record(paths), *args, **kwargs)
+
+    monkeypatch.setattr(Tagger, "tag_files", counting)
+    return seen
+
+
+def summary_of(output: str) -> str:
+    return next(line for line in output.splitlines() if line.startswith("indexed:"))
+
+
+def test_index_tags_new_photos_once(lib, inferred):
+    result = lib.index()
+    assert "6 new, 0 changed, 0 moved, 0 removed, 0 failed, 0 unchanged" in summary_of(result.output)
+    photos = lib.photos()
+    assert sorted(photos) == ["2024/img0.jpg", "2024/img1.jpg", "2024/img2.jpg", "2024/img3.jpg",
+                              "camera/canon.jpg", "camera/sony.JPG"]
+    assert len(inferred) == 6
+    for relpath, photo in photos.items():
+        path = lib.album / relpath
+        assert photo["status"] == TAGGED and photo["model"] == "resnet18"
+        assert photo["mapping_version"] and photo["tagged_at"]
+        assert photo["size"] == path.stat().st_size and photo["mtime_ns"] == path.stat().st_mtime_ns
+        with Image.open(path) as image:
+            assert (photo["width"], photo["height"]) == image.size
+        assert all(0 < score <= 1.0001 for score in photo["tags"].values())
+    canon = photos["camera/canon.jpg"]
+    assert canon["taken_at"].startswith("2013-12-17 14:04:24")  # exiftool read the same above
+    assert photos["2024/img0.jpg"]["taken_at"] is None
+
+    before = lib.photos()
+    result = lib.index()
+    assert "0 new, 0 changed, 0 moved, 0 removed, 0 failed, 6 unchanged" in summary_of(result.output)
+    assert len(inferred) == 6  # nothing tagged again
+    assert lib.photos() == before
+
+
+def test_changed_file_is_tagged_again(lib, inferred):
+    lib.index()
+    before = lib.photos()
+    target = lib.album / "2024/img1.jpg"
+    write_jpeg(target, 42, size=(80, 60))
+    os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 5_000_000_000))
+    inferred.clear()
+    result = lib.index()
+    assert "0 new, 1 changed" in summary_of(result.output)
+    assert inferred == [target.resolve()]
+    after = lib.photos()
+    changed = after["2024/img1.jpg"]
+    assert changed["id"] == before["2024/img1.jpg"]["id"]
+    assert (changed["width"], changed["height"]) == (80, 60)
+    assert changed["content_hash"] != before["2024/img1.jpg"]["content_hash"]
+    assert changed["tagged_at"] > before["2024/img1.jpg"]["tagged_at"]
+    assert after["2024/img2.jpg"] == before["2024/img2.jpg"]
+
+
+def test_moved_and_renamed_files_keep_their_tags_without_inference(lib, inferred):
+    lib.index()
+    before = lib.photos()
+    (lib.album / "2024/img0.jpg").rename(lib.album / "2024/renamed.jpg")
+    (lib.album / "2025").mkdir()
+    (lib.album / "camera/canon.jpg").rename(lib.album / "2025/canon.jpg")
+    inferred.clear()
+    result = lib.index()
+    assert "0 new, 0 changed, 2 moved, 0 removed, 0 failed, 4 unchanged" in summary_of(result.output)
+    assert inferred == []
+    after = lib.photos()
+    assert "2024/img0.jpg" not in after and "camera/canon.jpg" not in after
+    for old, new in (("2024/img0.jpg", "2024/renamed.jpg"), ("camera/canon.jpg", "2025/canon.jpg")):
+        expected = dict(before[old], relpath=new)
+        assert after[new] == expected  # same row, tags, tagged_at and taken_at
+
+
+def test_copy_is_a_new_photo_not_a_move(lib, inferred):
+    lib.index()
+    shutil.copy2(lib.album / "2024/img2.jpg", lib.album / "2024/copy.jpg")
+    inferred.clear()
+    result = lib.index()
+    assert "1 new, 0 changed, 0 moved" in summary_of(result.output)
+    assert inferred == [(lib.album / "2024/copy.jpg").resolve()]
+    assert len(lib.photos()) == 7
+
+
+def test_deleted_files_leave_the_index(lib):
+    lib.index()
+    (lib.album / "2024/img3.jpg").unlink()
+    shutil.rmtree(lib.album / "camera")
+    result = lib.index()
+    assert "3 removed" in summary_of(result.output)
+    assert sorted(lib.photos()) == ["2024/img0.jpg", "2024/img1.jpg", "2024/img2.jpg"]
+    with sqlite3.connect(lib.db) as db:  # their tags went with them
+        assert db.execute("SELECT count(*) FROM photo_tag WHERE photo_id NOT IN"
+                          " (SELECT id FROM photo)").fetchone() == (0,)
+
+
+def test_empty_album_root_is_not_read_as_everything_deleted(lib):
+    """An unmounted share shows an empty mount point: its photos must stay."""
+    lib.index()
+    hidden = lib.album.parent / "elsewhere"
+    lib.album.rename(hidden)
+    lib.album.mkdir()  # the bare mount point
+    result = lib.index()
+    assert "0 removed" in summary_of(result.output)
+    assert "missing or empty (not mounted?)" in result.output
+    assert len(lib.photos()) == 6
+
+
+def test_bad_file_is_recorded_and_warned_once(lib, inferred):
+    bad = lib.album / "2024/broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
+    original = bad.read_bytes()
+    result = lib.index()
+    warnings = [line for line in result.output.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and str(bad.resolve()) in warnings[0]
+    assert "1 failed" in summary_of(result.output)
+    photo = lib.photos()["2024/broken.jpg"]
+    assert photo["status"] == ERROR and photo["error"] and photo["attempts"] == 1
+    assert photo["retry_at"] > photo["indexed_at"]
+    assert bad.read_bytes() == original
+    assert sum(1 for p in lib.photos().values() if p["status"] == TAGGED) == 6
+
+    inferred.clear()
+    result = lib.index()  # not due for a retry yet: left alone, no new warning
+    assert "warning" not in result.output and inferred == []
+
+
+def test_missing_weights_fail_before_the_database_is_touched(lib, tmp_path):
+    lib.config.write_text(f'[model]\nweights = "{tmp_path / "nope.pth"}"\n')
+    result = lib.index(ok=False)
+    assert result.exit_code == 78
+    assert "nope.pth" in result.output
+    assert not lib.db.exists() and not lib.db.parent.exists()
+
+
+def test_corrupt_database_is_reported_not_overwritten(lib):
+    lib.db.parent.mkdir()
+    lib.db.write_bytes(b"definitely not sqlite" * 100)
+    result = lib.index(ok=False)
+    assert result.exit_code == 1
+    assert "not a phototag database / is corrupt" in result.output
+    assert lib.db.read_bytes() == b"definitely not sqlite" * 100
+
+
+def test_database_newer_than_the_code_exits_non_zero(lib):
+    lib.run("db", "upgrade")
+    with sqlite3.connect(lib.db) as db:
+        db.execute("UPDATE alembic_version SET version_num = '9999'")
+    for args in (["index", str(lib.album)], ["db", "upgrade"]):
+        result = lib.run(*args, ok=False)
+        assert result.exit_code == 1
+        assert "newer than this phototag" in result.output
+
+
+def test_db_upgrade_and_path(lib):
+    result = lib.run("db", "upgrade")
+    assert "upgraded from empty to" in result.output and lib.db.exists()
+    assert "is up to date" in lib.run("db", "upgrade").output
+    assert lib.run("db", "path").output.strip() == str(lib.db)
+
+
+def test_interrupted_run_continues_where_it_stopped(lib, inferred, monkeypatch):
+    from tagger.engine import Tagger
+
+    counting = Tagger.tag_files
+
+    def interrupted(self, paths, *args, **kwargs):
+        for n, result in enumerate(counting(self, paths, *args, **kwargs)):
+            if n == 5:  # the first batch of 4 is committed, the second is under way
+                raise KeyboardInterrupt
+            yield result
+
+    monkeypatch.setattr(Tagger, "tag_files", interrupted)
+    result = lib.index(ok=False)
+    assert result.exit_code == 130 and "run the same command again" in result.output
+    photos = lib.photos()
+    done = {relpath for relpath, p in photos.items() if p["status"] == TAGGED}
+    pending = {relpath for relpath, p in photos.items() if p["status"] == PENDING}
+    assert len(done) == 4 and len(pending) == 2
+
+    monkeypatch.setattr(Tagger, "tag_files", counting)
+    inferred.clear()
+    result = lib.index()
+    assert {p.relative_to(lib.album.resolve()).as_posix() for p in inferred} == pending
+    assert "6 unchanged" in summary_of(result.output)
+    assert all(p["status"] == TAGGED for p in lib.photos().values())
+
+
+KILL_AFTER = """
+import os, signal, sys
+from tagger.engine import Tagger
+from daemon.cli import main
+
+original = Tagger.tag_files
+def dying(self, paths, *args, **kwargs):
+    for n, result in enumerate(original(self, paths, *args, **kwargs)):
+        if n == int(os.environ["KILL_AFTER"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield result
+Tagger.tag_files = dying
+main(sys.argv[1:])
+"""
+
+
+def test_kill_9_mid_run_loses_nothing_and_duplicates_nothing(lib, inferred):
+    for i in range(4, 12):
+        write_jpeg(lib.album / f"2024/img{i}.jpg", i)
+    process = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER, "--config", str(lib.config), "--db", str(lib.db),
+         "index", str(lib.album)],
+        env={**os.environ, "KILL_AFTER": "9"}, capture_output=True, text=True, cwd=REPO)
+    assert process.returncode == -signal.SIGKILL, process.stderr
+    photos = lib.photos()
+    assert len(photos) == 14
+    done = {r for r, p in photos.items() if p["status"] == TAGGED}
+    pending = {r for r, p in photos.items() if p["status"] == PENDING}
+    assert len(done) == 8 and len(pending) == 6  # two batches of 4 committed
+
+    result = lib.index()
+    assert sorted(p.relative_to(lib.album.resolve()).as_posix() for p in inferred) == sorted(pending)
+    assert "0 new" in summary_of(result.output)
+    after = lib.photos()
+    assert all(p["status"] == TAGGED for p in after.values())
+    assert all(after[r]["tagged_at"] == photos[r]["tagged_at"] for r in done)

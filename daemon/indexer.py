@@ -1,0 +1,432 @@
+"""The indexing core shared by ``phototag index``, the daemon and ``phototag retag``.
+
+Three steps, each safe to interrupt at any moment:
+
+1. ``reconcile`` scans a folder and records new and changed files as ``pending`` photos (short
+   write transactions; no model involved). Unchanged files (same path, size, mtime) are left alone.
+2. ``tag_jobs`` works through pending photos: hashes each file (and reads its EXIF date) in a
+   few threads, turns a file whose content belongs to a photo whose file is gone into a *move*
+   (path updated, tags kept, no inference), tags the rest with the model, and commits results one
+   batch per write transaction. The model runs outside any transaction.
+3. ``remove_gone`` drops photos whose files are no longer on disk, but only when the album root is
+   there and not empty, so an unmounted share is never read as "everything was deleted". It runs
+   after tagging so that a renamed file is matched to its old row before that row could go.
+
+This module imports neither torch nor the tagger; the caller passes a loaded ``Tagger``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from sqlalchemy import Engine, func, select
+
+from daemon.scan import FileFacts, PhotoFilter, chunks, file_facts, root_available, scan_tree
+from storage import library
+from storage.db import read_session, write_session
+from storage.library import Job
+from storage.models import AlbumRoot, Photo, TAGGED
+
+if TYPE_CHECKING:
+    from daemon.config import Config
+    from tagger.engine import Tagger
+    from tagger.labels import LabelMap
+    from tagger.results import ImageResult
+
+log = logging.getLogger(__name__)
+
+WRITE_CHUNK = 1000  # rows per write transaction while recording a scan
+JOB_PAGE = 500  # pending photos read per query
+
+Warn = Callable[[str], None]
+
+
+class TaggerLike(Protocol):
+    """What the indexer needs of a tagger: ``tagger.engine.Tagger`` and ``LazyTagger`` fit."""
+
+    model_name: str
+    mapping_version: str
+    batch_size: int
+    labels: LabelMap
+
+    def tag_files(self, paths: Iterable[str | os.PathLike]) -> Iterator[ImageResult]: ...
+
+
+@dataclass
+class Summary:
+    """What an indexing run did, for the summary line and the daemon's log."""
+
+    new: int = 0
+    changed: int = 0
+    moved: int = 0
+    removed: int = 0
+    failed: int = 0
+    unchanged: int = 0
+    tagged: int = 0
+    seconds: float = 0.0
+    new_keys: set[tuple[int, str]] = field(default_factory=set, repr=False)
+
+    def line(self) -> str:
+        counts = (f"{self.new} new, {self.changed} changed, {self.moved} moved, "
+                  f"{self.removed} removed, {self.failed} failed, {self.unchanged} unchanged")
+        if self.tagged and self.seconds > 0:
+            counts += (f" ({self.tagged} tagged in {self.seconds:.1f} s, "
+                       f"{self.tagged / self.seconds:.1f} photos/s)")
+        return counts
+
+
+@dataclass
+class Reconciled:
+    """One scanned folder: what ``remove_gone`` needs to know afterwards."""
+
+    root_id: int
+    root_path: Path
+    under: str  # the folder inside the root ("" = the whole root)
+    available: bool
+    seen: set[str]
+    unreadable: list[str]
+
+
+def photo_filter(config: Config) -> PhotoFilter:
+    return PhotoFilter(config.scan.exclude, config.scan.extensions)
+
+
+class LazyTagger:
+    """The configured tagger, checked up front and loaded on first use.
+
+    The constructor only checks what is cheap to check without torch: the model name, that its
+    weights file is there, and the label mapping. The model itself (seconds to import torch and
+    load the weights) is loaded by the first ``tag_files`` call, so a re-run with nothing new to
+    tag never pays for it. Raises ``tagger.backbones.ModelError`` (unknown model, missing weights)
+    or ``tagger.labels.LabelMapError``; ``tag_files`` may raise ``ModelError`` for unusable weights.
+    """
+
+    def __init__(self, config: Config, model: str | None = None) -> None:
+        from daemon.config import cache_dir
+        from tagger.backbones import get_backbone
+        from tagger.labels import load_label_map
+        from tagger.weights import weights_path
+
+        name = model or config.model.name
+        self._config = config
+        self._options = dict(
+            # the configured weights file belongs to the configured model only
+            weights_file=config.model.weights if name == config.model.name else None,
+            cache_dir=cache_dir(config),
+            labels_file=config.labels.file,
+            batch_size=config.model.batch_size,
+            threads=config.model.threads,
+            decode_threads=config.model.decode_threads,
+        )
+        backbone = get_backbone(name)
+        weights_path(backbone, weights_file=self._options["weights_file"],
+                     cache_dir=self._options["cache_dir"])
+        self.labels = load_label_map(config.labels.file)
+        self.model_name: str = backbone.name
+        self.mapping_version: str = self.labels.version
+        self.batch_size: int = max(1, config.model.batch_size)
+        self._tagger: Tagger | None = None
+
+    def load(self) -> Tagger:
+        if self._tagger is None:
+            from tagger.engine import open_tagger
+
+            self._tagger = open_tagger(self.model_name, **self._options)
+        return self._tagger
+
+    def tag_files(self, paths: Iterable[str | os.PathLike]) -> Iterator[ImageResult]:
+        """Like ``Tagger.tag_files``; loads the model only once there is a first file to tag."""
+        paths = iter(paths)
+        for first in paths:
+            yield from self.load().tag_files(itertools.chain([first], paths))
+
+
+def sync_labels(engine: Engine, tagger: TaggerLike) -> None:
+    """Store the tagger's tags (names, Chinese names, hierarchy) and which model and mapping run."""
+    with write_session(engine) as session:
+        library.sync_tags(session, tagger.labels.all_tags())
+        library.set_meta(session, library.META_MODEL, tagger.model_name)
+        library.set_meta(session, library.META_MAPPING_VERSION, tagger.mapping_version)
+
+
+# --- step 1: scan ----------------------------------------------------------------------------
+
+
+def reconcile(engine: Engine, folder: Path, photos: PhotoFilter, *,
+              summary: Summary | None = None, warn: Warn = log.warning) -> Reconciled:
+    """Scan ``folder`` and queue its new and changed photos; see the module docstring."""
+    summary = summary if summary is not None else Summary()
+    with write_session(engine) as session:
+        root, under = library.ensure_root(session, folder)
+        root_id, root_path = root.id, Path(root.path)
+    available = root_available(root_path)
+    scan = scan_tree(root_path, photos, under)
+    for problem in scan.problems:
+        warn(problem)
+    with read_session(engine) as session:
+        known = library.known_files(session, session.get(AlbumRoot, root_id), under)
+
+    new = sorted(relpath for relpath in scan.files if relpath not in known)
+    changed = [(known[relpath].id, stat.size, stat.mtime_ns)
+               for relpath, stat in scan.files.items()
+               if relpath in known and (known[relpath].size, known[relpath].mtime_ns)
+               != (stat.size, stat.mtime_ns)]
+    summary.unchanged += len(scan.files) - len(new) - len(changed)
+
+    for chunk in chunks(new, WRITE_CHUNK):
+        with write_session(engine) as session:
+            root = session.get(AlbumRoot, root_id)
+            # the daemon may have added some of them since we looked
+            present = set(session.scalars(select(Photo.relpath).where(
+                Photo.root_id == root_id, Photo.relpath.in_(chunk))))
+            rows = [(relpath, scan.files[relpath].size, scan.files[relpath].mtime_ns)
+                    for relpath in chunk if relpath not in present]
+            summary.new += library.add_new_files(session, root, rows)
+            summary.new_keys.update((root_id, relpath) for relpath, _, _ in rows)
+    for chunk in chunks(changed, WRITE_CHUNK):
+        with write_session(engine) as session:
+            for photo_id, size, mtime_ns in chunk:
+                library.mark_changed(session, photo_id, size, mtime_ns)
+        summary.changed += len(chunk)
+    return Reconciled(root_id, root_path, under, available, set(scan.files), scan.unreadable)
+
+
+# --- step 3: remove ------------------------------------------------------------------------
+
+
+def remove_gone(engine: Engine, scanned: Reconciled, *, summary: Summary | None = None,
+                warn: Warn = log.warning) -> list[str]:
+    """Drop the photos of a scanned folder whose files are gone, if the root can be trusted."""
+    summary = summary if summary is not None else Summary()
+    if not scanned.available or not root_available(scanned.root_path):
+        warn(f"{scanned.root_path}: album folder is missing or empty (not mounted?); "
+             "keeping its photos in the index")
+        return []
+    with write_session(engine) as session:
+        root = session.get(AlbumRoot, scanned.root_id)
+        if root is None:
+            return []
+        removed = library.remove_missing(session, root, scanned.seen, under=scanned.under,
+                                         keep_under=scanned.unreadable)
+    summary.removed += len(removed)
+    return removed
+
+
+# --- step 2: tag -----------------------------------------------------------------------------
+
+
+def due_jobs(engine: Engine, root_id: int | None = None, under: str = "") -> Iterator[Job]:
+    """Pending photos (and failed ones due for a retry), read a page at a time in short reads."""
+    now = library.utcnow()
+    after = 0
+    while True:
+        with read_session(engine) as session:
+            root = session.get(AlbumRoot, root_id) if root_id is not None else None
+            if root_id is not None and root is None:
+                return
+            jobs = library.pending_jobs(session, JOB_PAGE, now=now, root=root, under=under,
+                                        after_id=after)
+        if not jobs:
+            return
+        yield from jobs
+        after = jobs[-1].photo_id
+
+
+def count_due(engine: Engine, root_id: int | None = None, under: str = "") -> int:
+    with read_session(engine) as session:
+        query = select(func.count()).select_from(Photo).where(
+            library.due_filter(library.utcnow()))
+        if root_id is not None:
+            query = query.where(Photo.root_id == root_id)
+            if under:
+                query = query.where(Photo.relpath.startswith(under + "/", autoescape=True))
+        return session.scalar(query) or 0
+
+
+@dataclass
+class _Pending:
+    """Outcomes waiting for the next write transaction."""
+
+    results: list[tuple[Job, FileFacts, ImageResult]] = field(default_factory=list)
+    errors: list[tuple[Job, str]] = field(default_factory=list)
+    moves: list[tuple[Job, FileFacts, int]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.results) + len(self.errors) + len(self.moves)
+
+
+def tag_jobs(engine: Engine, tagger: TaggerLike, jobs: Iterable[Job], *, retry_after: float = 600.0,
+             summary: Summary | None = None, warn: Warn = log.warning,
+             advance: Callable[[int], None] | None = None, facts_threads: int = 2) -> Summary:
+    """Tag ``jobs`` (see the module docstring). ``advance(n)`` reports n more photos handled.
+
+    Commits after every batch; an exception or interrupt loses at most the uncommitted batch,
+    whose photos simply stay pending.
+    """
+    summary = summary if summary is not None else Summary()
+    batch_size = max(1, tagger.batch_size)
+    waiting = _Pending()
+    in_model: deque[tuple[Job, FileFacts]] = deque()
+    started = time.monotonic()
+
+    def flush() -> None:
+        if waiting:
+            handled = len(waiting)
+            _store(engine, tagger, waiting, retry_after, summary, warn)
+            waiting.results.clear()
+            waiting.errors.clear()
+            waiting.moves.clear()
+            if advance:
+                advance(handled)
+
+    def for_the_model() -> Iterator[Path]:
+        # Runs on this thread, inside tag_files' loop, which reads it ahead of inference.
+        for job, facts in _with_facts(jobs, facts_threads):
+            if facts.error is not None:
+                waiting.errors.append((job, facts.error))
+            elif (source := _moved_from(engine, job, facts)) is not None:
+                waiting.moves.append((job, facts, source))
+            else:
+                in_model.append((job, facts))
+                yield job.path
+                continue
+            if len(waiting.errors) + len(waiting.moves) >= batch_size:
+                flush()
+
+    try:
+        for result in tagger.tag_files(for_the_model()):
+            job, facts = in_model.popleft()
+            assert Path(result.path) == job.path, (result.path, job.path)
+            waiting.results.append((job, facts, result))
+            if len(waiting.results) >= batch_size:
+                flush()
+        flush()
+    finally:
+        summary.seconds += time.monotonic() - started
+    return summary
+
+
+def _with_facts(jobs: Iterable[Job], threads: int) -> Iterator[tuple[Job, FileFacts]]:
+    """``(job, file_facts(job.path))`` in order, hashing a window of files ahead in threads."""
+    window = max(4, 4 * threads)
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="phototag-hash") as pool:
+        queue: deque[tuple[Job, Future[FileFacts]]] = deque()
+        try:
+            for job in jobs:
+                queue.append((job, pool.submit(file_facts, job.path)))
+                if len(queue) >= window:
+                    job, future = queue.popleft()
+                    yield job, future.result()
+            while queue:
+                job, future = queue.popleft()
+                yield job, future.result()
+        finally:
+            for _, future in queue:
+                future.cancel()
+
+
+def _moved_from(engine: Engine, job: Job, facts: FileFacts) -> int | None:
+    """The id of a tagged photo with this file's content whose own file is gone, if any."""
+    if facts.content_hash is None:
+        return None
+    with read_session(engine) as session:
+        photo = library.find_moved(session, facts.content_hash, job.size,
+                                   exclude_id=job.photo_id)
+        return photo.id if photo is not None else None
+
+
+def _store(engine: Engine, tagger: TaggerLike, waiting: _Pending, retry_after: float,
+           summary: Summary, warn: Warn) -> None:
+    """One write transaction for a batch of outcomes; warnings only once it committed."""
+    warnings: list[str] = []
+    counts = Summary()
+    with write_session(engine) as session:
+        for job, facts, source_id in waiting.moves:
+            if _apply_move(session, job, facts, source_id):
+                counts.moved += 1
+                if (job.root_id, job.relpath) in summary.new_keys:
+                    counts.new -= 1
+        for job, facts, result in waiting.results:
+            if result.error is not None:
+                waiting.errors.append((job, result.error))
+                continue
+            stored = library.store_result(
+                session, job, result.tags, model=tagger.model_name,
+                mapping_version=tagger.mapping_version, width=result.width,
+                height=result.height, taken_at=facts.taken_at, content_hash=facts.content_hash)
+            counts.tagged += stored
+        for job, reason in waiting.errors:
+            if library.store_error(session, job, reason, retry_after=retry_after):
+                counts.failed += 1
+                warnings.append(f"{job.path}: {reason}")
+    summary.moved += counts.moved
+    summary.new += counts.new
+    summary.tagged += counts.tagged
+    summary.failed += counts.failed
+    for line in warnings:
+        warn(line)
+
+
+def _apply_move(session, job: Job, facts: FileFacts, source_id: int) -> bool:
+    """Move photo ``source_id`` (tags and all) to the job's path, replacing the job's new row.
+
+    Checked again inside the write transaction: the source must still be a tagged photo with
+    this content whose file is gone, and the job's row must still describe the file.
+    """
+    source = session.get(Photo, source_id)
+    target = session.get(Photo, job.photo_id)
+    if (source is None or target is None or source.status != TAGGED
+            or source.content_hash != facts.content_hash
+            or (target.size, target.mtime_ns) != (job.size, job.mtime_ns)
+            or library.absolute_path(source.root, source.relpath).exists()):
+        return False
+    root = session.get(AlbumRoot, job.root_id)
+    library.move_photo(session, source, root, job.relpath, size=job.size, mtime_ns=job.mtime_ns)
+    return True
+
+
+# --- the whole run -------------------------------------------------------------------------
+
+
+def index_folders(engine: Engine, tagger: TaggerLike, folders: Iterable[Path], config: Config, *,
+                  warn: Warn = log.warning,
+                  progress: Callable[[int], Callable[[int], None]] | None = None) -> Summary:
+    """``phototag index``: scan every folder, tag what is pending there, drop what is gone.
+
+    ``progress(total)`` is called once with the number of photos to tag and returns the
+    ``advance(n)`` callback (the command's progress bar).
+    """
+    summary = Summary()
+    photos = photo_filter(config)
+    sync_labels(engine, tagger)
+    scanned = [reconcile(engine, Path(folder), photos, summary=summary, warn=warn)
+               for folder in folders]
+    total = sum(count_due(engine, s.root_id, s.under) for s in _distinct(scanned))
+    advance = progress(total) if progress else None
+    for s in _distinct(scanned) if total else ():
+        tag_jobs(engine, tagger, due_jobs(engine, s.root_id, s.under),
+                 retry_after=config.daemon.retry_after, summary=summary, warn=warn,
+                 advance=advance)
+    for s in scanned:
+        remove_gone(engine, s, summary=summary, warn=warn)
+    return summary
+
+
+def _distinct(scanned: list[Reconciled]) -> list[Reconciled]:
+    """Drop folders inside another scanned folder of the same root: they are tagged with it."""
+    def covers(outer: Reconciled, inner: Reconciled) -> bool:
+        return outer.root_id == inner.root_id and (
+            outer.under in ("", inner.under) or inner.under.startswith(outer.under + "/"))
+
+    return [s for i, s in enumerate(scanned)
+            if not any(covers(o, s) and (j < i or not covers(s, o))
+                       for j, o in enumerate(scanned) if j != i)]
