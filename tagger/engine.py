@@ -90,7 +90,8 @@ class Tagger:
         Sets torch's (process-wide) intra-op thread count to ``threads``.
         """
         torch.set_num_threads(self.threads)
-        with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="phototag-decode") as pool:
+        pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="phototag-decode")
+        try:
             batch: list[tuple[Path, _Decoded]] = []
             ready = 0
             for path, decoded in self._decode_ahead(pool, paths):
@@ -101,6 +102,8 @@ class Tagger:
                     batch, ready = [], 0
             if batch:
                 yield from self._infer(batch, top)
+        finally:  # also when the caller stops early: drop the files not started yet
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _decode_ahead(self, pool: ThreadPoolExecutor,
                       paths: Iterable[str | os.PathLike]) -> Iterator[tuple[Path, _Decoded]]:
@@ -110,19 +113,15 @@ class Tagger:
         """
         window = 2 * self.batch_size
         pending: deque[tuple[Path, Future[_Decoded]]] = deque()
-        try:
-            for path in paths:
-                path = Path(path)
-                pending.append((path, pool.submit(self._decode, path)))
-                if len(pending) >= window:
-                    path, future = pending.popleft()
-                    yield path, future.result()
-            while pending:
+        for path in paths:
+            path = Path(path)
+            pending.append((path, pool.submit(self._decode, path)))
+            if len(pending) >= window:
                 path, future = pending.popleft()
                 yield path, future.result()
-        finally:  # the caller stopped early: drop the queued work
-            for _, future in pending:
-                future.cancel()
+        while pending:
+            path, future = pending.popleft()
+            yield path, future.result()
 
     def _decode(self, path: Path) -> _Decoded:
         """Runs in a decode thread: file -> normalised tensor, or the reason it failed."""
