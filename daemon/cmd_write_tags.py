@@ -1,0 +1,84 @@
+"""``phototag write-tags [PATH]``: write the tags of the library (or of PATH) into the photos'
+XMP sidecars or embedded XMP, where photo tools (digiKam, darktable, Lightroom, exiftool) read
+them. Never imports torch.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from daemon.cli import App, fail, pass_app
+
+
+@click.command("write-tags")
+@click.argument("path", required=False, type=click.Path(exists=True, path_type=Path))
+@click.option("--mode", type=click.Choice(["sidecar", "embedded"]),
+              help="Where to write (default: config [metadata] write).")
+@click.option("--dry-run", is_flag=True, help="Print what would be written; write nothing.")
+@pass_app
+def write_tags(app: App, path: Path | None, mode: str | None, dry_run: bool) -> None:
+    """Write phototag's tags as keywords of every tagged photo (or those under PATH).
+
+    A re-run replaces only the keywords phototag wrote before; keywords set by the user or other
+    tools stay. A photo that changed since it was tagged is skipped: index it again first.
+    """
+    from tqdm import tqdm
+
+    from daemon import keyword_sync
+    from storage.db import DatabaseError, read_session
+    from storage.migrate import open_for_write
+
+    config = app.config
+    mode = mode or config.metadata.write
+    if mode == keyword_sync.OFF:
+        fail("keyword writing is off: pass --mode sidecar|embedded, "
+             "or set [metadata] write in the config")
+    sidecar_name = config.metadata.sidecar_name
+    try:
+        engine = open_for_write(app.db_url)
+    except DatabaseError as e:
+        fail(str(e))
+    try:
+        with read_session(engine) as session:
+            ids = keyword_sync.selected_photo_ids(session, path)
+            if dry_run:
+                _print_plan(keyword_sync.load_targets(session, ids), mode, sidecar_name)
+                click.echo(f"dry run: {len(ids)} photos would be written")
+                return
+        with tqdm(total=len(ids), unit="photo", desc="writing", file=sys.stderr,
+                  disable=not sys.stderr.isatty(), dynamic_ncols=True) as bar:
+            summary = keyword_sync.write_photos(
+                engine, ids, mode=mode, sidecar_name=sidecar_name,
+                warn=lambda line: tqdm.write(f"phototag: {line}", file=sys.stderr),
+                advance=bar.update)
+    except DatabaseError as e:
+        fail(str(e))
+    finally:
+        engine.dispose()
+    click.echo(f"keywords: {summary.line()} ({mode})")
+    if summary.failed:
+        sys.exit(1)
+
+
+def _print_plan(targets, mode: str, sidecar_name: str) -> None:
+    from storage.keywords import EMBEDDED, normalize_tags, sidecar_path
+
+    for t in targets:
+        embedded = mode == EMBEDDED and _is_jpeg(t.path)
+        file = t.path if embedded else sidecar_path(t.path, sidecar_name)
+        try:
+            shown = ", ".join(p.lightroom for p in normalize_tags(t.keywords))
+        except ValueError as e:
+            shown = f"(not writable: {e})"
+        click.echo(f"{t.path} -> {file}: {shown}")
+
+
+def _is_jpeg(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(3) == b"\xff\xd8\xff"
+    except OSError:
+        return False

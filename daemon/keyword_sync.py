@@ -1,0 +1,343 @@
+"""Keywords between the database and the photos: write phototag's tags out, read the user's in.
+
+Writing (``write_photo``, ``write_due``): a photo's model tags become keyword paths through the
+tag hierarchy (``cat`` -> ``("animal", "cat")``) and go to its sidecar or embedded XMP via
+``storage.keywords.write_keywords``. Each photo is written inside its own short write transaction
+and its row updated in the same one: the leaves phototag now owns (``written_keywords``, so the
+next write replaces only those) and, after an embedded write, the file's new size and content
+hash (its mtime is kept), so that the scanner and the watcher do not take our own write for a
+user's edit and tag the photo again, in a loop. Holding the write lock across the file write
+means a scanner that compares sizes inside its own write transaction sees either the old file
+and the old row, or the new file and the new row.
+
+``keywords_written_at`` is when phototag last wrote, or tried to write, a photo's keywords; a
+photo tagged after that is due (``due_photo_ids``). A failed write is not retried until the
+photo is tagged again or ``phototag write-tags`` is run, so a read-only photo is not retried
+after every batch.
+
+Reading (``read_photo_keywords``, ``store_keywords``): the keywords a photo already carries
+(sidecars, embedded XMP, EXIF XPKeywords), minus the ones phototag wrote itself, become tags with
+source ``keyword``, so that ``phototag search`` finds photos by the user's own keywords.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Collection, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import Engine, delete, func, or_, select
+from sqlalchemy.orm import Session
+
+from storage import library
+from storage.db import read_session, write_session
+from storage.keywords import (
+    EMBEDDED,
+    MODES,
+    KeywordWriteError,
+    WrittenKeywords,
+    read_keywords,
+    write_keywords,
+)
+from storage.models import (
+    SOURCE_KEYWORD,
+    SOURCE_MODEL,
+    TAGGED,
+    AlbumRoot,
+    Photo,
+    PhotoTag,
+    Tag,
+    TagParent,
+)
+
+log = logging.getLogger(__name__)
+
+OFF = "off"
+HASH_NAME = "sha256"  # the same digest daemon.scan stores in Photo.content_hash
+KEYWORD_SCORE = 1.0  # a keyword the user set is certain
+
+
+# --- tag paths ------------------------------------------------------------------------------
+
+
+def tag_paths(session: Session) -> dict[int, tuple[str, ...]]:
+    """tag id -> its keyword path, broadest first: ``("animal", "cat")``.
+
+    A tag with several broader tags (cat -> animal, pet) gets one path, the same for every
+    photo so that photo tools show one tree: through the parent with the longest chain above it,
+    ties going to the parent whose name sorts first. Cycles (an edited mapping) are cut.
+    """
+    names = dict(session.execute(select(Tag.id, Tag.name)).all())
+    parents: dict[int, list[int]] = {}
+    for tag_id, parent_id in session.execute(select(TagParent.tag_id, TagParent.parent_id)):
+        if parent_id != tag_id:
+            parents.setdefault(tag_id, []).append(parent_id)
+    chains: dict[int, tuple[int, ...]] = {}  # tag id -> ids along its path, broadest first
+
+    def chain_of(tag_id: int, visiting: frozenset[int]) -> tuple[int, ...]:
+        known = chains.get(tag_id)
+        if known is not None and visiting.isdisjoint(known):
+            return known
+        options = [chain_of(p, visiting | {tag_id})
+                   for p in parents.get(tag_id, ()) if p not in visiting and p in names]
+        best = min(options, key=lambda c: (-len(c), [names[i] for i in c]), default=())
+        chain = (*best, tag_id)
+        if not visiting:  # below the top, a chain may be cut short by the cycle check
+            chains[tag_id] = chain
+        return chain
+
+    paths: dict[int, tuple[str, ...]] = {}
+    for tag_id in names:
+        paths[tag_id] = tuple(names[i] for i in chain_of(tag_id, frozenset()))
+    return paths
+
+
+def photo_keyword_paths(session: Session, photo_id: int,
+                        paths: dict[int, tuple[str, ...]]) -> list[tuple[str, ...]]:
+    """The keyword paths for a photo's model tags, best score first."""
+    tag_ids = session.scalars(
+        select(PhotoTag.tag_id)
+        .where(PhotoTag.photo_id == photo_id, PhotoTag.source == SOURCE_MODEL)
+        .order_by(PhotoTag.score.desc(), PhotoTag.tag_id))
+    return [paths[tag_id] for tag_id in tag_ids if tag_id in paths]
+
+
+def previous_keywords(photo: Photo) -> list[str]:
+    """The leaves phototag last wrote for ``photo`` (Photo.written_keywords, a JSON list)."""
+    if not photo.written_keywords:
+        return []
+    try:
+        value = json.loads(photo.written_keywords)
+    except ValueError:
+        log.warning("photo %s: written_keywords is not JSON; treated as empty", photo.id)
+        return []
+    return [k for k in value if isinstance(k, str)] if isinstance(value, list) else []
+
+
+# --- writing --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """A photo to write, as read from the database (``dry_run`` prints these)."""
+
+    photo_id: int
+    path: Path
+    keywords: list[tuple[str, ...]]
+    previous: list[str]
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class WriteSummary:
+    written: int = 0
+    failed: int = 0
+    errors: list[KeywordWriteError] = field(default_factory=list)
+
+    def line(self) -> str:
+        return f"{self.written} written, {self.failed} failed"
+
+
+def target(session: Session, photo: Photo, paths: dict[int, tuple[str, ...]]) -> Target:
+    return Target(photo.id, library.absolute_path(photo.root, photo.relpath),
+                  photo_keyword_paths(session, photo.id, paths), previous_keywords(photo),
+                  photo.size, photo.mtime_ns)
+
+
+def write_photo(engine: Engine, photo_id: int, *, mode: str, sidecar_name: str,
+                paths: dict[int, tuple[str, ...]] | None = None) -> WrittenKeywords | None:
+    """Write one tagged photo's keywords and record the write; None if it is no longer tagged.
+
+    Raises KeywordWriteError (the file is then unchanged; the attempt is recorded).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    failure: KeywordWriteError | None = None
+    with write_session(engine) as session:
+        photo = session.get(Photo, photo_id)
+        if photo is None or photo.status != TAGGED:
+            return None
+        if paths is None:
+            paths = tag_paths(session)
+        planned = target(session, photo, paths)
+        try:
+            written = write_keywords(
+                planned.path, planned.keywords, mode=mode, previous=planned.previous,
+                sidecar_name=sidecar_name, expect_size=planned.size,
+                expect_mtime_ns=planned.mtime_ns)
+        except KeywordWriteError as exc:
+            failure = exc
+        else:
+            photo.written_keywords = json.dumps(written.keywords, ensure_ascii=False)
+            if written.mode == EMBEDDED:
+                _record_own_write(photo, written)
+        photo.keywords_written_at = library.utcnow()
+    if failure is not None:
+        raise failure
+    return written
+
+
+def _record_own_write(photo: Photo, written: WrittenKeywords) -> None:
+    """The photo file is now our rewrite: store its facts so no scanner sees a user's edit."""
+    photo.size = written.size
+    photo.mtime_ns = written.mtime_ns
+    if photo.content_hash is not None:
+        try:
+            with open(written.photo, "rb") as f:
+                photo.content_hash = hashlib.file_digest(f, HASH_NAME).hexdigest()
+        except OSError as exc:  # gone again already: the scanner will notice
+            log.warning("%s: not hashed after writing keywords (%s)", written.photo, exc)
+            photo.content_hash = None
+
+
+def write_photos(engine: Engine, photo_ids: Iterable[int], *, mode: str, sidecar_name: str,
+                 warn: Callable[[str], None] = log.warning,
+                 advance: Callable[[int], None] | None = None) -> WriteSummary:
+    """Write every photo in ``photo_ids``, one transaction each; errors are counted and warned
+    (``<path>: <reason>``), never raised. ``advance(1)`` after each photo."""
+    summary = WriteSummary()
+    with read_session(engine) as session:
+        paths = tag_paths(session)
+    for photo_id in photo_ids:
+        try:
+            if write_photo(engine, photo_id, mode=mode, sidecar_name=sidecar_name,
+                           paths=paths) is not None:
+                summary.written += 1
+        except KeywordWriteError as exc:
+            summary.failed += 1
+            summary.errors.append(exc)
+            warn(str(exc))
+        if advance:
+            advance(1)
+    return summary
+
+
+def due_photo_ids(session: Session, *, limit: int | None = None) -> list[int]:
+    """Tagged photos whose keywords were never written, or were written before their last
+    tagging."""
+    query = (select(Photo.id)
+             .where(Photo.status == TAGGED,
+                    or_(Photo.keywords_written_at.is_(None),
+                        Photo.keywords_written_at < Photo.tagged_at))
+             .order_by(Photo.id))
+    if limit is not None:
+        query = query.limit(limit)
+    return list(session.scalars(query))
+
+
+def write_due(engine: Engine, metadata, *, limit: int | None = None,
+              warn: Callable[[str], None] = log.warning) -> WriteSummary:
+    """Write the keywords of photos tagged since their last write, per ``metadata`` (the
+    config's ``[metadata]``: ``write`` off|sidecar|embedded, ``sidecar_name``). A no-op when
+    writing is off. The daemon calls this after each batch it commits."""
+    if metadata.write == OFF:
+        return WriteSummary()
+    with read_session(engine) as session:
+        ids = due_photo_ids(session, limit=limit)
+    return write_photos(engine, ids, mode=metadata.write, sidecar_name=metadata.sidecar_name,
+                        warn=warn)
+
+
+def selected_photo_ids(session: Session, under: Path | None = None) -> list[int]:
+    """Tagged photos with at least one model tag, all of them or those at/under ``under``."""
+    query = (select(Photo.id)
+             .where(Photo.status == TAGGED,
+                    Photo.id.in_(select(PhotoTag.photo_id)
+                                 .where(PhotoTag.source == SOURCE_MODEL)))
+             .order_by(Photo.id))
+    if under is None:
+        return list(session.scalars(query))
+    ids: list[int] = []
+    for root, relpath in _places(session, under):
+        in_root = query.where(Photo.root_id == root.id)
+        if relpath:
+            in_root = in_root.where(or_(
+                Photo.relpath == relpath,
+                Photo.relpath.startswith(relpath + "/", autoescape=True)))
+        ids += session.scalars(in_root)
+    return sorted(set(ids))
+
+
+def _places(session: Session, path: Path) -> Iterator[tuple[AlbumRoot, str]]:
+    """The album roots covering ``path`` (file or folder) with its relpath in each, and the
+    roots inside ``path`` (whole)."""
+    full = library.root_path(path)
+    for root in library.roots(session):
+        try:
+            inside = Path(full).relative_to(root.path).as_posix()
+        except ValueError:
+            try:
+                Path(root.path).relative_to(full)
+            except ValueError:
+                continue
+            yield root, ""
+            continue
+        yield root, "" if inside == "." else inside
+
+
+def load_targets(session: Session, photo_ids: Collection[int]) -> list[Target]:
+    """What would be written for these photos (for ``--dry-run``)."""
+    paths = tag_paths(session)
+    targets = []
+    for photo_id in photo_ids:
+        photo = session.get(Photo, photo_id)
+        if photo is not None:
+            targets.append(target(session, photo, paths))
+    return targets
+
+
+# --- reading the user's keywords ------------------------------------------------------------
+
+
+def read_photo_keywords(path: Path | str) -> list[str]:
+    """Keywords the photo file and its sidecars carry (no database; safe in a worker thread).
+    Unreadable sources are logged and skipped."""
+    return read_keywords(path)
+
+
+def store_keywords(session: Session, photo_id: int, keywords: Iterable[str]) -> list[str]:
+    """Make the photo's ``keyword`` tags exactly ``keywords`` minus those phototag wrote itself.
+
+    A keyword matches an existing tag by name, then by name ignoring case, then by Chinese name;
+    otherwise a tag is created (``from_mapping=False``). Returns the tag names now attached.
+    """
+    photo = session.get(Photo, photo_id)
+    if photo is None:
+        return []
+    ours = set(previous_keywords(photo))
+    tag_ids: dict[int, str] = {}
+    for keyword in keywords:
+        keyword = keyword.strip()
+        if keyword and keyword not in ours:
+            tag = _tag_for_keyword(session, keyword)
+            tag_ids.setdefault(tag.id, tag.name)
+    session.execute(delete(PhotoTag).where(PhotoTag.photo_id == photo_id,
+                                           PhotoTag.source == SOURCE_KEYWORD))
+    session.add_all(PhotoTag(photo_id=photo_id, tag_id=tag_id, source=SOURCE_KEYWORD,
+                             score=KEYWORD_SCORE) for tag_id in tag_ids)
+    session.flush()
+    return list(tag_ids.values())
+
+
+def import_keywords(session: Session, photo_id: int, path: Path | str) -> list[str]:
+    """``store_keywords`` with the keywords read from the photo at ``path`` now."""
+    return store_keywords(session, photo_id, read_photo_keywords(path))
+
+
+def _tag_for_keyword(session: Session, keyword: str) -> Tag:
+    tag = session.scalar(select(Tag).where(Tag.name == keyword))
+    if tag is None:
+        tag = session.scalar(select(Tag).where(func.lower(Tag.name) == keyword.lower())
+                             .order_by(Tag.id).limit(1))
+    if tag is None:
+        tag = session.scalar(select(Tag).where(Tag.zh == keyword).order_by(Tag.id).limit(1))
+    if tag is None:
+        tag = Tag(name=keyword, from_mapping=False)
+        session.add(tag)
+        session.flush()
+    return tag
