@@ -12,6 +12,8 @@ import click
 
 from daemon.cli import App, fail, pass_app
 
+EX_INTERRUPTED = 130
+
 
 @click.command("write-tags")
 @click.argument("path", required=False, type=click.Path(exists=True, path_type=Path))
@@ -56,6 +58,9 @@ def write_tags(app: App, path: Path | None, mode: str | None, dry_run: bool) -> 
                 advance=bar.update)
     except DatabaseError as e:
         fail(str(e))
+    except KeyboardInterrupt:  # each photo is written and recorded whole, or not at all
+        click.echo("phototag: interrupted; photos written so far keep their keywords", err=True)
+        sys.exit(EX_INTERRUPTED)
     finally:
         engine.dispose()
     click.echo(f"keywords: {summary.line()} ({mode})")

@@ -25,12 +25,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import Engine, delete, func, or_, select
+from sqlalchemy import Engine, and_, delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from storage import library
@@ -40,6 +39,7 @@ from storage.keywords import (
     MODES,
     KeywordWriteError,
     WrittenKeywords,
+    normalize_tags,
     read_keywords,
     write_keywords,
 )
@@ -103,7 +103,18 @@ def photo_keyword_paths(session: Session, photo_id: int,
         select(PhotoTag.tag_id)
         .where(PhotoTag.photo_id == photo_id, PhotoTag.source == SOURCE_MODEL)
         .order_by(PhotoTag.score.desc(), PhotoTag.tag_id))
-    return [paths[tag_id] for tag_id in tag_ids if tag_id in paths]
+    return [paths[tag_id] for tag_id in tag_ids if tag_id in paths and _writable(paths[tag_id])]
+
+
+def _writable(path: tuple[str, ...]) -> bool:
+    """A tag (from a user's label file) whose name holds a path separator cannot be a keyword:
+    it is left out of the photo's keywords rather than stopping the photo being written."""
+    try:
+        normalize_tags([path])
+    except ValueError as exc:
+        log.warning("tag %s left out of the keywords: %s", "|".join(path), exc)
+        return False
+    return True
 
 
 def previous_keywords(photo: Photo) -> list[str]:
@@ -244,11 +255,14 @@ def write_due(engine: Engine, metadata, *, limit: int | None = None,
 
 
 def selected_photo_ids(session: Session, under: Path | None = None) -> list[int]:
-    """Tagged photos with at least one model tag, all of them or those at/under ``under``."""
+    """Tagged photos with a model tag or with keywords written before (whose tags may all be
+    gone now, leaving ours to remove): all of them, or those at/under ``under``."""
     query = (select(Photo.id)
              .where(Photo.status == TAGGED,
-                    Photo.id.in_(select(PhotoTag.photo_id)
-                                 .where(PhotoTag.source == SOURCE_MODEL)))
+                    or_(Photo.id.in_(select(PhotoTag.photo_id)
+                                     .where(PhotoTag.source == SOURCE_MODEL)),
+                        and_(Photo.written_keywords.is_not(None),
+                             Photo.written_keywords != "[]")))
              .order_by(Photo.id))
     if under is None:
         return list(session.scalars(query))

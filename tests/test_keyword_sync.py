@@ -308,3 +308,13 @@ def test_bad_written_keywords_json_is_treated_as_empty(lib):
     written = keyword_sync.write_photo(lib.engine, photo_id, mode="sidecar",
                                        sidecar_name="append")
     assert sorted(written.keywords) == ["animal", "cat", "pet", "tabby"]
+
+
+def test_a_tag_that_cannot_be_a_keyword_is_left_out(lib):
+    with write_session(lib.engine) as s:
+        library.sync_tags(s, [TagInfo("jeans/denim", None, ("coffee",))])
+    lib.tag("trip/coffee.jpg", {"jeans/denim": 0.9, "coffee": 0.8})
+    written = keyword_sync.write_photo(lib.engine, lib.photo("trip/coffee.jpg").id,
+                                       mode="sidecar", sidecar_name="append")
+    assert written.keywords == ["coffee"]
+    assert exiftool_keywords(written.target)["hierarchical"] == ["phototag|coffee"]

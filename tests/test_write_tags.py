@@ -234,3 +234,20 @@ def test_embedded_write_is_not_taken_for_an_edit_by_the_next_index(tmp_path, res
         assert tagged_at == before[name][1] and status == "tagged"  # not tagged again
         assert content_hash == hashlib.sha256((album / name).read_bytes()).hexdigest()
         assert content_hash != before[name][2]
+
+
+def test_a_photo_that_lost_all_its_tags_loses_our_keywords(lib):
+    cat = lib.files["cat.jpg"]
+    subprocess.run(["exiftool", "-q", "-XMP-dc:Subject=Oma", "-o",
+                    str(sidecar_path(cat, "append")), str(cat)], check=True)
+    assert run(lib, "write-tags", "--mode", "sidecar").exit_code == 0
+    assert sorted(exiftool_keywords(sidecar_path(cat, "append"))["subject"]) == [
+        "Oma", *CAT_KEYWORDS]
+    lib.tag("cat.jpg", {})  # re-tagged (e.g. a new model) and nothing is sure enough now
+    result = run(lib, "write-tags", "--mode", "sidecar", str(cat))
+    assert result.exit_code == 0 and "1 written" in result.stdout
+    seen = exiftool_keywords(sidecar_path(cat, "append"))
+    assert (seen["subject"], seen["hierarchical"]) == (["Oma"], [])
+    assert lib.photo("cat.jpg").written_keywords == "[]"
+    # Nothing of ours left: the next backfill leaves the photo alone.
+    assert "0 written" in run(lib, "write-tags", "--mode", "sidecar", str(cat)).stdout
