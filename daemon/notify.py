@@ -74,12 +74,12 @@ class Notifier:
 def watchdog_interval(configured: float = 0.0) -> float | None:
     """Seconds between WATCHDOG=1 pings, or None when no watchdog is asked for.
 
-    ``configured`` (config ``daemon.watchdog_seconds``) is the watchdog timeout to honour; 0 means
-    systemd's ``$WATCHDOG_USEC`` (set by WatchdogSec=, for our PID only). Pings go at half the
-    timeout, as sd_watchdog_enabled(3) recommends.
+    ``configured`` (config ``daemon.watchdog_seconds``) is the ping interval itself; 0 means half
+    of systemd's ``$WATCHDOG_USEC`` (set by WatchdogSec=, for our PID only), as
+    sd_watchdog_enabled(3) recommends.
     """
     if configured > 0:
-        return configured / 2
+        return configured
     usec = os.environ.get("WATCHDOG_USEC")
     pid = os.environ.get("WATCHDOG_PID")
     if not usec or (pid and pid != str(os.getpid())):

@@ -104,7 +104,8 @@ def parse_last_run(value: str | None) -> datetime | None:
 
 
 class NightlyScheduler:
-    """Runs ``job`` on the cron schedule and catches up a missed run at start-up.
+    """Runs ``job(catch_up)`` on the cron schedule and catches up a missed run at start-up
+    (then with ``catch_up=True``).
 
     ``load_last_run`` / ``save_last_run`` read and write the last successful run (the daemon keeps
     it in the database); ``job`` raising means the run failed and is not recorded. Runs never
@@ -114,7 +115,7 @@ class NightlyScheduler:
     def __init__(
         self,
         schedule: str,
-        job: Callable[[], None],
+        job: Callable[[bool], None],
         *,
         load_last_run: Callable[[], datetime | None],
         save_last_run: Callable[[datetime], None],
@@ -145,18 +146,24 @@ class NightlyScheduler:
                 log.info("nightly job missed its run at %s (last run %s): running it now",
                          missed.isoformat(timespec="minutes"),
                          last.astimezone(self.scheduler.timezone).isoformat(timespec="minutes"))
-            self.scheduler.add_job(self.run_now, id=JOB_ID + "-catch-up", name="missed nightly run",
-                                   misfire_grace_time=None, max_instances=1)
+            self.scheduler.add_job(self.run_now, kwargs={"catch_up": True}, id=JOB_ID + "-catch-up",
+                                   name="missed nightly run", misfire_grace_time=None)
         self.scheduler.start()
         log.info("nightly job scheduled (%s), next run %s", self.schedule,
                  self.next_run().isoformat(timespec="minutes") if self.next_run() else "never")
         return missed
 
+    def reschedule(self, schedule: str) -> None:
+        """Switch to another cron expression (configuration reload)."""
+        trigger = parse_schedule(schedule, self.scheduler.timezone)
+        self.scheduler.reschedule_job(JOB_ID, trigger=trigger)
+        self.trigger, self.schedule = trigger, schedule
+
     def next_run(self) -> datetime | None:
         job = self.scheduler.get_job(JOB_ID)
         return job.next_run_time if job is not None else None
 
-    def run_now(self) -> bool:
+    def run_now(self, catch_up: bool = False) -> bool:
         """Run the job (unless a run is going on); record the time on success."""
         if not self._running.acquire(blocking=False):
             log.info("nightly job already running: skipping this run")
@@ -164,7 +171,10 @@ class NightlyScheduler:
         try:
             started = datetime.now(UTC)
             try:
-                self._job()
+                self._job(catch_up)
+            except InterruptedError:
+                log.info("nightly job interrupted; it runs again at the next daemon start")
+                return False
             except Exception:
                 log.exception("nightly job failed; it runs again at the next scheduled time "
                               "or daemon start")

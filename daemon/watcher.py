@@ -63,7 +63,7 @@ NETWORK_FS_TYPES = {
 # A writer that keeps a file open without writing for this long is taken to be done (a lost
 # close event must not hold a photo back for ever).
 CLOSE_WAIT_LIMIT = 600.0
-ROOT_CHECK_INTERVAL = 30.0
+ROOT_CHECK_INTERVAL = 10.0
 MIN_TICK = 0.1  # seconds between stability checks at most
 
 

@@ -64,7 +64,7 @@ def test_watchdog_interval(monkeypatch):
     monkeypatch.setenv("WATCHDOG_USEC", "30000000")
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
     assert watchdog_interval() == 15.0
-    assert watchdog_interval(configured=10) == 5.0
+    assert watchdog_interval(configured=10) == 10.0
     monkeypatch.setenv("WATCHDOG_PID", "1")  # meant for another process
     assert watchdog_interval() is None
     monkeypatch.delenv("WATCHDOG_USEC")

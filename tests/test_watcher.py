@@ -430,11 +430,10 @@ def test_inotify_queue_overflow_asks_for_a_rescan(album):
     try:
         assert json.loads(child.stdout.readline())["kind"] == "started"
         os.kill(child.pid, signal.SIGSTOP)
-        junk = album / "junk"
-        junk.mkdir()
+        junk = album  # an already watched folder: a new one would have no watch yet
         # create + open + close-write + delete: 4 events per file, never coalesced (distinct names)
         for i in range(max_queued // 4 + 1000):
-            p = junk / f"{i}.txt"
+            p = junk / f"junk-{i}.txt"
             p.write_bytes(b"")
             p.unlink()
         (album / "lost.jpg").write_bytes(jpeg_bytes(20))  # its events are dropped by the kernel
