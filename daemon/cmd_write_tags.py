@@ -43,17 +43,19 @@ def write_tags(app: App, path: Path | None, mode: str | None, dry_run: bool) -> 
         engine = open_for_write(app.db_url)
     except DatabaseError as e:
         fail(str(e))
+    broader = _broader_order(config)
     try:
         with read_session(engine) as session:
             ids = keyword_sync.selected_photo_ids(session, path)
             if dry_run:
-                _print_plan(keyword_sync.load_targets(session, ids), mode, sidecar_name)
+                _print_plan(keyword_sync.load_targets(session, ids, broader), mode,
+                            sidecar_name)
                 click.echo(f"dry run: {len(ids)} photos would be written")
                 return
         with tqdm(total=len(ids), unit="photo", desc="writing", file=sys.stderr,
                   disable=not sys.stderr.isatty(), dynamic_ncols=True) as bar:
             summary = keyword_sync.write_photos(
-                engine, ids, mode=mode, sidecar_name=sidecar_name,
+                engine, ids, mode=mode, sidecar_name=sidecar_name, broader=broader,
                 warn=lambda line: tqdm.write(f"phototag: {line}", file=sys.stderr),
                 advance=bar.update)
     except DatabaseError as e:
@@ -66,6 +68,19 @@ def write_tags(app: App, path: Path | None, mode: str | None, dry_run: bool) -> 
     click.echo(f"keywords: {summary.line()} ({mode})")
     if summary.failed:
         sys.exit(1)
+
+
+def _broader_order(config) -> dict[str, tuple[str, ...]] | None:
+    """The label mapping's order of broader tags (a tag's main one first) for the tag paths;
+    without it (a broken user label file) paths follow the database's hierarchy alone."""
+    from daemon import keyword_sync
+    from tagger.labels import LabelMapError, load_label_map  # pure Python: no torch
+
+    try:
+        return keyword_sync.broader_order(load_label_map(config.labels.file).all_tags())
+    except (LabelMapError, OSError) as e:
+        click.echo(f"phototag: warning: {e}; tag paths follow the database alone", err=True)
+        return None
 
 
 def _print_plan(targets, mode: str, sidecar_name: str) -> None:

@@ -25,13 +25,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import Engine, and_, delete, func, or_, select
 from sqlalchemy.orm import Session
 
+from daemon.config import MetadataConfig
 from storage import library
 from storage.db import read_session, write_session
 from storage.keywords import (
@@ -60,17 +61,28 @@ OFF = "off"
 HASH_NAME = "sha256"  # the same digest daemon.scan stores in Photo.content_hash
 KEYWORD_SCORE = 1.0  # a keyword the user set is certain
 
+Broader = Mapping[str, Sequence[str]]  # tag name -> its broader tags, main one first
+
 
 # --- tag paths ------------------------------------------------------------------------------
 
 
-def tag_paths(session: Session) -> dict[int, tuple[str, ...]]:
+def broader_order(tags: Iterable) -> dict[str, tuple[str, ...]]:
+    """tag name -> its broader tags in the label mapping's order, from TagInfo-like objects
+    (``tagger.labels.LabelMap.all_tags()``): the mapping lists a tag's main broader tag first."""
+    return {tag.name: tuple(tag.broader) for tag in tags}
+
+
+def tag_paths(session: Session, broader: Broader | None = None) -> dict[int, tuple[str, ...]]:
     """tag id -> its keyword path, broadest first: ``("animal", "cat")``.
 
     A tag with several broader tags (cat -> animal, pet) gets one path, the same for every
-    photo so that photo tools show one tree: through the parent with the longest chain above it,
-    ties going to the parent whose name sorts first. Cycles (an edited mapping) are cut.
+    photo so that photo tools show one tree: through the first of its broader tags in
+    ``broader`` (the label mapping's order, see ``broader_order``) that the database knows;
+    failing that, through the parent with the longest chain above it, ties going to the name
+    that sorts first. Cycles (an edited mapping) are cut.
     """
+    broader = broader or {}
     names = dict(session.execute(select(Tag.id, Tag.name)).all())
     parents: dict[int, list[int]] = {}
     for tag_id, parent_id in session.execute(select(TagParent.tag_id, TagParent.parent_id)):
@@ -82,9 +94,12 @@ def tag_paths(session: Session) -> dict[int, tuple[str, ...]]:
         known = chains.get(tag_id)
         if known is not None and visiting.isdisjoint(known):
             return known
-        options = [chain_of(p, visiting | {tag_id})
-                   for p in parents.get(tag_id, ()) if p not in visiting and p in names]
-        best = min(options, key=lambda c: (-len(c), [names[i] for i in c]), default=())
+        options = {p: chain_of(p, visiting | {tag_id})
+                   for p in parents.get(tag_id, ()) if p not in visiting and p in names}
+        by_name = {names[p]: chain for p, chain in options.items()}
+        preferred = [by_name[n] for n in broader.get(names[tag_id], ()) if n in by_name]
+        best = preferred[0] if preferred else min(
+            options.values(), key=lambda c: (-len(c), [names[i] for i in c]), default=())
         chain = (*best, tag_id)
         if not visiting:  # below the top, a chain may be cut short by the cycle check
             chains[tag_id] = chain
@@ -96,14 +111,17 @@ def tag_paths(session: Session) -> dict[int, tuple[str, ...]]:
     return paths
 
 
-def photo_keyword_paths(session: Session, photo_id: int,
-                        paths: dict[int, tuple[str, ...]]) -> list[tuple[str, ...]]:
-    """The keyword paths for a photo's model tags, best score first."""
-    tag_ids = session.scalars(
+def photo_keyword_paths(session: Session, photo_id: int, paths: dict[int, tuple[str, ...]],
+                        broader: Broader | None = None) -> list[tuple[str, ...]]:
+    """The keyword paths for a photo's model tags, best score first. ``paths`` (from
+    ``tag_paths``) is refreshed in place if a tag was added since it was computed."""
+    tag_ids = list(session.scalars(
         select(PhotoTag.tag_id)
         .where(PhotoTag.photo_id == photo_id, PhotoTag.source == SOURCE_MODEL)
-        .order_by(PhotoTag.score.desc(), PhotoTag.tag_id))
-    return [paths[tag_id] for tag_id in tag_ids if tag_id in paths and _writable(paths[tag_id])]
+        .order_by(PhotoTag.score.desc(), PhotoTag.tag_id)))
+    if not paths.keys() >= set(tag_ids):
+        paths.update(tag_paths(session, broader))
+    return [paths[tag_id] for tag_id in tag_ids if _writable(paths[tag_id])]
 
 
 def _writable(path: tuple[str, ...]) -> bool:
@@ -154,15 +172,19 @@ class WriteSummary:
         return f"{self.written} written, {self.failed} failed"
 
 
-def target(session: Session, photo: Photo, paths: dict[int, tuple[str, ...]]) -> Target:
+def target(session: Session, photo: Photo, paths: dict[int, tuple[str, ...]],
+           broader: Broader | None = None) -> Target:
     return Target(photo.id, library.absolute_path(photo.root, photo.relpath),
-                  photo_keyword_paths(session, photo.id, paths), previous_keywords(photo),
-                  photo.size, photo.mtime_ns)
+                  photo_keyword_paths(session, photo.id, paths, broader),
+                  previous_keywords(photo), photo.size, photo.mtime_ns)
 
 
 def write_photo(engine: Engine, photo_id: int, *, mode: str, sidecar_name: str,
+                broader: Broader | None = None,
                 paths: dict[int, tuple[str, ...]] | None = None) -> WrittenKeywords | None:
     """Write one tagged photo's keywords and record the write; None if it is no longer tagged.
+
+    ``broader``: see ``tag_paths``; ``paths``: tag paths computed before (writing many photos).
 
     Raises KeywordWriteError (the file is then unchanged; the attempt is recorded).
     """
@@ -174,8 +196,8 @@ def write_photo(engine: Engine, photo_id: int, *, mode: str, sidecar_name: str,
         if photo is None or photo.status != TAGGED:
             return None
         if paths is None:
-            paths = tag_paths(session)
-        planned = target(session, photo, paths)
+            paths = tag_paths(session, broader)
+        planned = target(session, photo, paths, broader)
         try:
             written = write_keywords(
                 planned.path, planned.keywords, mode=mode, previous=planned.previous,
@@ -207,17 +229,17 @@ def _record_own_write(photo: Photo, written: WrittenKeywords) -> None:
 
 
 def write_photos(engine: Engine, photo_ids: Iterable[int], *, mode: str, sidecar_name: str,
-                 warn: Callable[[str], None] = log.warning,
+                 broader: Broader | None = None, warn: Callable[[str], None] = log.warning,
                  advance: Callable[[int], None] | None = None) -> WriteSummary:
     """Write every photo in ``photo_ids``, one transaction each; errors are counted and warned
     (``<path>: <reason>``), never raised. ``advance(1)`` after each photo."""
     summary = WriteSummary()
     with read_session(engine) as session:
-        paths = tag_paths(session)
+        paths = tag_paths(session, broader)
     for photo_id in photo_ids:
         try:
             if write_photo(engine, photo_id, mode=mode, sidecar_name=sidecar_name,
-                           paths=paths) is not None:
+                           broader=broader, paths=paths) is not None:
                 summary.written += 1
         except KeywordWriteError as exc:
             summary.failed += 1
@@ -241,17 +263,19 @@ def due_photo_ids(session: Session, *, limit: int | None = None) -> list[int]:
     return list(session.scalars(query))
 
 
-def write_due(engine: Engine, metadata, *, limit: int | None = None,
-              warn: Callable[[str], None] = log.warning) -> WriteSummary:
+def write_due(engine: Engine, metadata: MetadataConfig, *, broader: Broader | None = None,
+              limit: int | None = None, warn: Callable[[str], None] = log.warning
+              ) -> WriteSummary:
     """Write the keywords of photos tagged since their last write, per ``metadata`` (the
     config's ``[metadata]``: ``write`` off|sidecar|embedded, ``sidecar_name``). A no-op when
-    writing is off. The daemon calls this after each batch it commits."""
+    writing is off. For the daemon, after each batch it commits; ``broader``: see
+    ``broader_order``."""
     if metadata.write == OFF:
         return WriteSummary()
     with read_session(engine) as session:
         ids = due_photo_ids(session, limit=limit)
     return write_photos(engine, ids, mode=metadata.write, sidecar_name=metadata.sidecar_name,
-                        warn=warn)
+                        broader=broader, warn=warn)
 
 
 def selected_photo_ids(session: Session, under: Path | None = None) -> list[int]:
@@ -294,14 +318,15 @@ def _places(session: Session, path: Path) -> Iterator[tuple[AlbumRoot, str]]:
         yield root, "" if inside == "." else inside
 
 
-def load_targets(session: Session, photo_ids: Collection[int]) -> list[Target]:
+def load_targets(session: Session, photo_ids: Collection[int],
+                 broader: Broader | None = None) -> list[Target]:
     """What would be written for these photos (for ``--dry-run``)."""
-    paths = tag_paths(session)
+    paths = tag_paths(session, broader)
     targets = []
     for photo_id in photo_ids:
         photo = session.get(Photo, photo_id)
         if photo is not None:
-            targets.append(target(session, photo, paths))
+            targets.append(target(session, photo, paths, broader))
     return targets
 
 

@@ -142,6 +142,44 @@ def test_tag_paths_follow_the_longest_broader_chain(lib):
     assert paths[ids["sled"]] == ("snow", "winter sports", "sled")
 
 
+def test_tag_paths_follow_the_mapping_order_of_broader_tags(lib):
+    order = keyword_sync.broader_order(MAPPING)
+    assert order["cat"] == ("animal", "pet")
+    reversed_order = {name: tuple(reversed(b)) for name, b in order.items()}
+    with read_session(lib.engine) as s:
+        ids = library.tag_ids(s)
+        paths = keyword_sync.tag_paths(s, order)
+        flipped = keyword_sync.tag_paths(s, reversed_order)
+    assert paths[ids["cat"]] == ("animal", "cat")
+    assert paths[ids["sled"]] == ("snow", "sled")  # the mapping's first, though shorter
+    assert paths[ids["tabby"]] == ("animal", "cat", "tabby")
+    assert flipped[ids["cat"]] == ("pet", "cat")
+    assert flipped[ids["sled"]] == ("snow", "winter sports", "sled")  # reversed: snow, sports
+    # A broader tag the database does not know (an older mapping) is passed over.
+    stale = {"cat": ("mammal", "pet", "animal")}
+    with read_session(lib.engine) as s:
+        assert keyword_sync.tag_paths(s, stale)[ids["cat"]] == ("pet", "cat")
+
+
+def test_tag_paths_with_the_shipped_label_mapping(lib):
+    from tagger.labels import load_label_map
+
+    labels = load_label_map()
+    with write_session(lib.engine) as s:
+        library.sync_tags(s, labels.all_tags())
+    with read_session(lib.engine) as s:
+        by_name = {path[-1]: path for path in
+                   keyword_sync.tag_paths(s, keyword_sync.broader_order(labels.all_tags()))
+                   .values()}
+    for name in ("snowmobile", "rv", "tractor"):
+        assert by_name[name][-2] == "vehicle", by_name[name]
+    assert by_name["beagle"][-2:] == ("dog", "beagle")
+    shipped = {t.name for t in labels.all_tags()}
+    for path in (p for name, p in by_name.items() if name in shipped):
+        for narrower, broader in zip(path[1:], path):  # a chain of the mapping's edges
+            assert broader in labels.tag(narrower).broader
+
+
 def test_tag_paths_survive_a_cycle(lib):
     with write_session(lib.engine) as s:
         library.sync_tags(s, [TagInfo("a", None, ("b",)), TagInfo("b", None, ("a",))])
