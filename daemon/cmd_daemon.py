@@ -1,0 +1,105 @@
+"""``phototag daemon`` (watch and tag, for systemd) and ``phototag retag`` (re-tag on demand)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from daemon.cli import EX_CONFIG, EX_USAGE, App, fail, pass_app
+
+EX_INTERRUPTED = 130
+
+
+@click.command("daemon")
+@click.option("--album", "albums", multiple=True, metavar="PATH",
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Watch this folder instead of the config's albums (repeatable).")
+@click.option("--model", metavar="NAME", help="Model to tag with (default: config [model] name).")
+@pass_app
+def daemon(app: App, albums: tuple[Path, ...], model: str | None) -> None:
+    """Watch the albums and tag new photos as they arrive (runs in the foreground).
+
+    At start it upgrades the database (after a backup), rescans the albums and tags what is
+    pending; a nightly job re-tags outdated and failed photos. SIGTERM stops it cleanly, SIGHUP
+    reloads the configuration. Made to run under systemd (see systemd/phototag.service).
+    """
+    from daemon.notify import setup_logging
+    from daemon.service import Options, run_daemon
+
+    setup_logging(app.verbose)
+    options = Options(config_path=app.config_path, db_url=app.db_url, albums=albums, model=model)
+    sys.exit(run_daemon(app.config, options))
+
+
+@click.command("retag")
+@click.option("--outdated", is_flag=True,
+              help="Photos tagged by another model or label-mapping version.")
+@click.option("--errors", is_flag=True, help="Photos that failed, without waiting for their retry.")
+@click.option("--all", "everything", is_flag=True, help="Every photo.")
+@click.option("--model", metavar="NAME", help="Model to tag with (default: config [model] name).")
+@click.argument("path", required=False,
+                type=click.Path(exists=True, file_okay=False, path_type=Path))
+@pass_app
+def retag(app: App, outdated: bool, errors: bool, everything: bool, model: str | None,
+          path: Path | None) -> None:
+    """Re-tag photos now (inside PATH if given): by default the outdated and failed ones.
+
+    The same work the daemon's nightly job queues, done in the foreground with a progress bar.
+    Their current tags stay searchable until the new ones replace them. Safe to interrupt.
+    """
+    from tqdm import tqdm
+
+    from daemon import indexer
+    from daemon.worker import Selection, retag as retag_photos
+    from storage.db import DatabaseError
+    from storage.migrate import open_for_write
+    from tagger.backbones import ModelError, UnknownModelError
+    from tagger.labels import LabelMapError
+
+    if not (outdated or errors or everything):
+        outdated = errors = True
+    selection = Selection(outdated=outdated, errors=errors, everything=everything)
+    config = app.config
+    try:
+        tagger = indexer.LazyTagger(config, model)  # fails fast, before touching the database
+    except UnknownModelError as e:
+        fail(str(e), EX_USAGE if model else EX_CONFIG)
+    except (ModelError, LabelMapError) as e:  # missing weights, bad label mapping
+        fail(str(e), EX_CONFIG)
+    try:
+        engine = open_for_write(app.db_url)
+    except DatabaseError as e:
+        fail(str(e))
+
+    bar: tqdm | None = None
+
+    def progress(total: int):
+        nonlocal bar
+        bar = tqdm(total=total, unit="photo", desc="re-tagging", file=sys.stderr,
+                   disable=not sys.stderr.isatty(), dynamic_ncols=True, smoothing=0.1)
+        return bar.update
+
+    def warn(message: str) -> None:
+        tqdm.write(f"phototag: warning: {message}", file=sys.stderr)
+
+    try:
+        summary = retag_photos(engine, tagger, selection,
+                               folder=str(path) if path is not None else None,
+                               retry_after=config.daemon.retry_after, warn=warn, progress=progress)
+    except (LookupError, DatabaseError) as e:
+        fail(str(e))
+    except ModelError as e:  # weights there but unusable: found when the model is loaded
+        fail(str(e), EX_CONFIG)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        click.echo("phototag: interrupted; the photos not done yet stay queued", err=True)
+        sys.exit(EX_INTERRUPTED)
+    finally:
+        engine.dispose()
+    if bar is not None:
+        bar.close()
+    click.echo(f"re-tagged {selection.describe()}: {summary.tagged} tagged, {summary.failed} "
+               f"failed, {summary.moved} moved")
