@@ -5,6 +5,7 @@ them. Never imports torch.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -33,6 +34,8 @@ def write_tags(app: App, path: Path | None, mode: str | None, dry_run: bool) -> 
     from storage.db import DatabaseError, read_session
     from storage.migrate import open_for_write
 
+    if not app.verbose:  # per-file notes ("XPKeywords skipped: no EXIF block") only with -v
+        logging.getLogger("storage.keywords").setLevel(logging.WARNING)
     config = app.config
     mode = mode or config.metadata.write
     if mode == keyword_sync.OFF:
