@@ -39,7 +39,7 @@ from daemon.scheduler import (
     format_last_run,
     parse_last_run,
 )
-from daemon.watcher import AlbumWatcher, Change, PathFilter, is_network_fs, mount_fstype
+from daemon.watcher import AlbumWatcher, Change, is_network_fs, mount_fstype
 from daemon.worker import BatchWorker, nightly
 from storage import library
 from storage.db import DatabaseError, read_session, sqlite_path, write_session
@@ -92,10 +92,6 @@ def album_configs(config: Config, cli_albums: Sequence[Path]) -> list[AlbumConfi
         raise StartupError(f"no albums to watch: add [[album]] entries to {where} or pass "
                            "--album PATH", EX_CONFIG)
     return [replace(a, path=Path(library.root_path(a.path))) for a in albums]
-
-
-def photo_filter(config: Config) -> PathFilter:
-    return PathFilter(config.scan.exclude, config.scan.extensions)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -396,7 +392,7 @@ class Daemon:
 
     def _start_watcher(self) -> None:
         assert self.applier is not None
-        self.watcher = AlbumWatcher(self.albums, photo_filter(self.config), self.applier.submit,
+        self.watcher = AlbumWatcher(self.albums, indexer.photo_filter(self.config), self.applier.submit,
                                     stable_seconds=self.config.daemon.stable_seconds)
         self.watcher.start()
 

@@ -23,7 +23,6 @@ enough inotify watches for its directories (watchdog would silently watch part o
 from __future__ import annotations
 
 import errno
-import fnmatch
 import logging
 import os
 import threading
@@ -48,6 +47,8 @@ from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver, Obser
 from watchdog.observers.inotify import InotifyEmitter
 from watchdog.observers.inotify_c import InotifyEvent, InotifyFD
 from watchdog.observers.polling import PollingObserver
+
+from daemon.scan import PhotoFilter
 
 log = logging.getLogger(__name__)
 
@@ -77,25 +78,26 @@ class Change:
 
 
 # --------------------------------------------------------------------------------------------------
-# Which paths count
+# Which paths count (daemon.scan.PhotoFilter decides, as for the scans)
 
 
-class PathFilter:
-    """Photo or not, from exclude patterns (matched per path component) and extensions."""
+def _relpath(root: Path, path: Path) -> str | None:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return None  # outside the root
 
-    def __init__(self, exclude: Iterable[str], extensions: Iterable[str]) -> None:
-        self.exclude = list(exclude)
-        self.extensions = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
 
-    def excluded(self, root: Path, path: Path) -> bool:
-        try:
-            parts = path.relative_to(root).parts
-        except ValueError:
-            return True  # outside the root
-        return any(fnmatch.fnmatchcase(part, pattern) for part in parts for pattern in self.exclude)
+def is_photo(photo_filter: PhotoFilter, root: Path, path: Path) -> bool:
+    relpath = _relpath(root, path)
+    return relpath is not None and photo_filter.wanted(relpath)
 
-    def is_photo(self, root: Path, path: Path) -> bool:
-        return path.suffix.lower() in self.extensions and not self.excluded(root, path)
+
+def is_excluded(photo_filter: PhotoFilter, root: Path, path: Path) -> bool:
+    relpath = _relpath(root, path)
+    if relpath is None:
+        return True
+    return relpath != "." and any(photo_filter.excluded_name(part) for part in relpath.split("/"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -368,14 +370,14 @@ class AlbumWatcher:
     def __init__(
         self,
         albums: Iterable,
-        path_filter: PathFilter,
+        photo_filter: PhotoFilter,
         on_change: Callable[[Change], None],
         *,
         stable_seconds: float = 2.0,
         root_check_interval: float = ROOT_CHECK_INTERVAL,
         watch_limit: int | None = None,
     ) -> None:
-        self.path_filter = path_filter
+        self.photo_filter = photo_filter
         self.on_change = on_change
         self.stable_seconds = stable_seconds
         self.root_check_interval = root_check_interval
@@ -548,7 +550,9 @@ class AlbumWatcher:
 
     def _on_event(self, root: WatchedRoot, event: FileSystemEvent) -> None:
         src = Path(os.fsdecode(event.src_path))
-        photo = self.path_filter.is_photo
+        def photo(root_path: Path, path: Path) -> bool:
+            return is_photo(self.photo_filter, root_path, path)
+
         if isinstance(event, FileMovedEvent):
             dest = Path(os.fsdecode(event.dest_path))
             src_ok, dest_ok = photo(root.path, src), photo(root.path, dest)
@@ -570,7 +574,7 @@ class AlbumWatcher:
             if src == root.path:
                 self._wake.set()
                 self._last_root_check = 0.0  # the root itself: let check_roots decide
-            elif not self.path_filter.excluded(root.path, src):
+            elif not is_excluded(self.photo_filter, root.path, src):
                 self.tracker.forget_under(src)
                 self._delete(root, Change("dir_deleted", root.path, src))
         elif isinstance(event, (FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileAttribEvent)):

@@ -588,3 +588,63 @@ def test_refuses_a_database_on_a_network_filesystem(tmp_path, monkeypatch):
     with pytest.raises(StartupError) as error:
         check_database_location(f"sqlite:///{tmp_path}/nas/sub/phototag.db")
     assert error.value.code == 78 and "cifs" in str(error.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# phototag retag
+
+
+def test_retag_outdated_errors_all_and_path(tmp_path, resnet18_weights):
+    from click.testing import CliRunner
+
+    from daemon.cli import main
+
+    album = tmp_path / "album"
+    for i in range(3):
+        write_jpeg(album / f"a{i}.jpg", 500 + i)
+        write_jpeg(album / "sub" / f"b{i}.jpg", 600 + i)
+    (album / "bad.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    config = write_config(tmp_path / "config.toml", resnet18_weights)
+    db = tmp_path / "p.db"
+    runner = CliRunner()
+
+    def cli(*args):
+        result = runner.invoke(main, ["--config", str(config), "--db", str(db), *args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    cli("index", str(album))
+
+    def state():
+        return {r: (s, t, a) for r, s, t, a in
+                db_rows(db, "select relpath, status, tagged_at, attempts from photo")}
+
+    before = state()
+    assert before["bad.jpg"][0] == "error" and before["bad.jpg"][2] == 1
+    db_write(db, "update photo set model = 'old-model' where relpath in ('a0.jpg', 'sub/b1.jpg')")
+
+    out = cli("retag", "--outdated")
+    after = state()
+    assert "re-tagged outdated photos: 2 tagged" in out
+    changed = {r for r in after if after[r][1] != before[r][1]}
+    assert changed == {"a0.jpg", "sub/b1.jpg"}
+    assert after["bad.jpg"] == before["bad.jpg"]  # failed photos wait for their retry time
+
+    retry_query = "select status, retry_at from photo where relpath = 'bad.jpg'"
+    (status, retry_at), = db_rows(db, retry_query)
+    out = cli("retag", "--errors")
+    assert "re-tagged failed photos: 0 tagged, 1 failed" in out  # tried again at once
+    (status_after, retry_at_after), = db_rows(db, retry_query)
+    assert status_after == "error" and retry_at_after > retry_at
+    assert db_rows(db, "select count(*) from photo where model = 'old-model'") == [(0,)]
+
+    before = state()
+    out = cli("retag", "--all", str(album / "sub"))
+    after = state()
+    assert "re-tagged all photos: 3 tagged" in out
+    assert {r for r in after if after[r][1] != before[r][1]} == {"sub/b0.jpg", "sub/b1.jpg",
+                                                                "sub/b2.jpg"}
+
+    result = runner.invoke(main, ["--config", str(config), "--db", str(db), "retag",
+                                  str(tmp_path)])
+    assert result.exit_code == 1 and "not inside any indexed album" in result.output
