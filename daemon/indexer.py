@@ -4,15 +4,16 @@ Three steps, each safe to interrupt at any moment:
 
 1. ``reconcile`` scans a folder and records new and changed files as ``pending`` photos (short
    write transactions; no model involved). Unchanged files (same path, size, mtime) are left alone.
-2. ``tag_jobs`` works through pending photos: hashes each file (and reads its EXIF date) in a
-   few threads, turns a file whose content belongs to a photo whose file is gone into a *move*
-   (path updated, tags kept, no inference), tags the rest with the model, and commits results one
-   batch per write transaction. The model runs outside any transaction.
-3. ``remove_gone`` drops photos whose files are no longer on disk, but only when the album root is
-   there and not empty, so an unmounted share is never read as "everything was deleted". It runs
-   after tagging so that a renamed file is matched to its old row before that row could go.
+2. ``remove_gone`` settles the photos whose files are gone, but only when the album root is there
+   and not empty, so an unmounted share is never read as "everything was deleted". A gone photo
+   whose content turns up as a pending file (same size, then same hash) was moved or renamed: it
+   takes the new path and keeps its tags, without inference. The others are removed.
+3. ``tag_jobs`` works through pending photos: hashes each file (and reads its EXIF date) in a
+   few threads, still catches a move the scan could not see (the old file vanished after it),
+   tags the rest with the model, and commits results one batch per write transaction. The model
+   runs outside any transaction.
 
-This module imports neither torch nor the tagger; the caller passes a loaded ``Tagger``.
+This module imports neither torch nor the tagger; the caller passes a tagger (``LazyTagger``).
 """
 
 from __future__ import annotations
@@ -205,16 +206,51 @@ def reconcile(engine: Engine, folder: Path, photos: PhotoFilter, *,
 
 def remove_gone(engine: Engine, scanned: Reconciled, *, summary: Summary | None = None,
                 warn: Warn = log.warning) -> list[str]:
-    """Drop the photos of a scanned folder whose files are gone, if the root can be trusted."""
+    """Settle the photos of a scanned folder whose files are gone; returns the removed relpaths.
+
+    Nothing happens unless the album root is there and not empty. A gone photo whose content
+    turns up as a pending file elsewhere (same size, then same hash) was moved: it takes the new
+    path with its tags, and the pending row goes. Only files whose size matches a gone photo are
+    hashed here. The other gone photos are removed.
+    """
     summary = summary if summary is not None else Summary()
     if not scanned.available or not root_available(scanned.root_path):
         warn(f"{scanned.root_path}: album folder is missing or empty (not mounted?); "
              "keeping its photos in the index")
         return []
-    with write_session(engine) as session:
+    keep = tuple(folder + "/" for folder in scanned.unreadable if folder)
+    if "" in scanned.unreadable:
+        return []
+    with read_session(engine) as session:
         root = session.get(AlbumRoot, scanned.root_id)
         if root is None:
             return []
+        known = library.known_files(session, root, scanned.under)
+    gone = {known[relpath].id: known[relpath] for relpath in known
+            if relpath not in scanned.seen and not relpath.startswith(keep)
+            and not (scanned.root_path / relpath).exists()}
+    if not gone:
+        return []
+
+    movable = {(k.size, k.content_hash): k.id for k in gone.values()
+               if k.status == TAGGED and k.content_hash}
+    if movable:
+        sizes = sorted({size for size, _ in movable})
+        candidates = []
+        for chunk in chunks(sizes, WRITE_CHUNK):
+            with read_session(engine) as session:
+                candidates += library.pending_jobs(session, sizes=chunk, include_errors=False)
+        moves = []
+        for job in candidates:
+            facts = file_facts(job.path)
+            source = movable.pop((job.size, facts.content_hash), None)
+            if source is not None:
+                moves.append((job, facts, source))
+        if moves:
+            _store(engine, None, _Pending(moves=moves), 0.0, summary, warn)
+
+    with write_session(engine) as session:
+        root = session.get(AlbumRoot, scanned.root_id)
         removed = library.remove_missing(session, root, scanned.seen, under=scanned.under,
                                          keep_under=scanned.unreadable)
     summary.removed += len(removed)
@@ -344,7 +380,7 @@ def _moved_from(engine: Engine, job: Job, facts: FileFacts) -> int | None:
         return photo.id if photo is not None else None
 
 
-def _store(engine: Engine, tagger: TaggerLike, waiting: _Pending, retry_after: float,
+def _store(engine: Engine, tagger: TaggerLike | None, waiting: _Pending, retry_after: float,
            summary: Summary, warn: Warn) -> None:
     """One write transaction for a batch of outcomes; warnings only once it committed."""
     warnings: list[str] = []
@@ -400,7 +436,7 @@ def _apply_move(session, job: Job, facts: FileFacts, source_id: int) -> bool:
 def index_folders(engine: Engine, tagger: TaggerLike, folders: Iterable[Path], config: Config, *,
                   warn: Warn = log.warning,
                   progress: Callable[[int], Callable[[int], None]] | None = None) -> Summary:
-    """``phototag index``: scan every folder, tag what is pending there, drop what is gone.
+    """``phototag index``: scan every folder, settle moved and deleted files, tag what is pending.
 
     ``progress(total)`` is called once with the number of photos to tag and returns the
     ``advance(n)`` callback (the command's progress bar).
@@ -410,14 +446,14 @@ def index_folders(engine: Engine, tagger: TaggerLike, folders: Iterable[Path], c
     sync_labels(engine, tagger)
     scanned = [reconcile(engine, Path(folder), photos, summary=summary, warn=warn)
                for folder in folders]
+    for s in scanned:
+        remove_gone(engine, s, summary=summary, warn=warn)
     total = sum(count_due(engine, s.root_id, s.under) for s in _distinct(scanned))
     advance = progress(total) if progress else None
     for s in _distinct(scanned) if total else ():
         tag_jobs(engine, tagger, due_jobs(engine, s.root_id, s.under),
                  retry_after=config.daemon.retry_after, summary=summary, warn=warn,
                  advance=advance)
-    for s in scanned:
-        remove_gone(engine, s, summary=summary, warn=warn)
     return summary
 
 

@@ -355,9 +355,10 @@ def due_filter(now: datetime):
 
 def pending_jobs(session: Session, limit: int | None = None, *, now: datetime | None = None,
                  root: AlbumRoot | None = None, under: str = "", include_errors: bool = True,
-                 after_id: int = 0) -> list[Job]:
+                 after_id: int = 0, sizes: Collection[int] | None = None) -> list[Job]:
     """The next photos to tag, oldest first. Nothing is locked: a photo stays pending until
     ``store_result`` commits, so a crash loses nothing; ``after_id`` pages through a long queue.
+    ``sizes`` keeps only files of those sizes (candidates for a move).
     """
     now = now or utcnow()
     condition = due_filter(now) if include_errors else Photo.status == PENDING
@@ -370,6 +371,8 @@ def pending_jobs(session: Session, limit: int | None = None, *, now: datetime | 
         query = query.where(Photo.root_id == root.id)
         if under:
             query = query.where(Photo.relpath.startswith(under + "/", autoescape=True))
+    if sizes is not None:
+        query = query.where(Photo.size.in_(sorted(sizes)))
     if limit is not None:
         query = query.limit(limit)
     return [Job(photo_id, root_id, relpath, Path(root_dir, *PurePosixPath(relpath).parts), size,

@@ -205,7 +205,7 @@ def backup_sqlite(path: Path, revision: str) -> Path:
     """Copy a live SQLite database consistently (WAL included) to ``<name>.<revision>-<time>.bak``."""
     stamp = time.strftime("%Y%m%dT%H%M%S")
     target = path.with_name(f"{path.name}.{revision}-{stamp}.bak")
-    source = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    source = sqlite3.connect(path)  # only read: the backup API copies pages, WAL included
     try:
         destination = sqlite3.connect(target)
         try:

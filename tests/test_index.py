@@ -411,6 +411,23 @@ def test_moved_and_renamed_files_keep_their_tags_without_inference(lib, inferred
         assert after[new] == expected  # same row, tags, tagged_at and taken_at
 
 
+def test_move_to_another_album_is_caught_while_tagging(lib, inferred, tmp_path):
+    """Only the destination is scanned, so the old row is found by the file's hash at tag time."""
+    other = tmp_path / "other-album"
+    write_jpeg(other / "x.jpg", 77)
+    lib.index(lib.album, other)
+    before = lib.photos()["camera/sony.JPG"]
+    (lib.album / "camera/sony.JPG").rename(other / "sony.JPG")
+    inferred.clear()
+    result = lib.index(other)
+    assert "0 new, 0 changed, 1 moved, 0 removed" in summary_of(result.output)
+    assert inferred == []
+    after = lib.photos()
+    assert "camera/sony.JPG" not in after
+    assert after["sony.JPG"]["id"] == before["id"] and after["sony.JPG"]["tags"] == before["tags"]
+    assert after["sony.JPG"]["root_id"] != before["root_id"]
+
+
 def test_copy_is_a_new_photo_not_a_move(lib, inferred):
     lib.index()
     shutil.copy2(lib.album / "2024/img2.jpg", lib.album / "2024/copy.jpg")
