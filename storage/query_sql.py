@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -95,7 +95,7 @@ class TagIndex:
         return difflib.get_close_matches(name, candidates, n=n, cutoff=0.6)
 
 
-@dataclass
+@dataclass(slots=True)
 class Hit:
     """One photo found by a search."""
 
@@ -113,11 +113,12 @@ class Hit:
 
 def build_select(query: Query, tags: TagIndex, *, roots: Sequence[tuple[int, str]] = (),
                  extra_sort: Sequence[SortKey] = (), with_score: bool = False,
-                 limit: int | None = None) -> Select:
+                 limit: int | None = None, estimate: Estimate | None = None) -> Select:
     """The SELECT of (id, root, relpath, taken_at, status[, score]) for ``query``.
 
     ``roots`` (id, path) pairs let absolute ``path:`` terms become conditions on root_id and
-    relpath; ``extra_sort`` comes after the query's own sort keys (``--sort``).
+    relpath; ``extra_sort`` comes after the query's own sort keys (``--sort``); ``estimate``
+    guesses how many photos have one of a set of tags, to pick which tag term drives the search.
     """
     sort = list(query.sort) + list(extra_sort)
     with_score = with_score or any(k.field == "score" for k in sort)
@@ -127,7 +128,7 @@ def build_select(query: Query, tags: TagIndex, *, roots: Sequence[tuple[int, str
         columns.append(score.label("score"))
     stmt = select(*columns).join(AlbumRoot, Photo.root_id == AlbumRoot.id)
     if query.alternatives:
-        stmt = stmt.where(or_(*(and_(*_alternative(alt, tags, roots))
+        stmt = stmt.where(or_(*(and_(*_alternative(alt, tags, roots, estimate))
                                 for alt in query.alternatives)))
     order: list[ColumnElement] = []
     for key in sort:
@@ -147,17 +148,19 @@ def build_select(query: Query, tags: TagIndex, *, roots: Sequence[tuple[int, str
     return stmt
 
 
-def _tagged(tag_ids: set[int] | None, scores: list[ScoreTerm]) -> ColumnElement[bool]:
-    """``photo.id IN (photos with one of tag_ids (None = any tag) at a score in every range)``."""
+def _tag_rows(tag_ids: set[int] | None, scores: list[ScoreTerm], *,
+              indexed: bool = True) -> list[ColumnElement[bool]]:
+    """Conditions on photo_tag rows: one of ``tag_ids`` (None = any tag), a score in every range.
+
+    ``indexed=False`` writes ``tag_id + 0 IN (...)``: inside a correlated EXISTS the photo's own
+    few rows (primary key prefix photo_id) are cheaper to scan than one index seek per tag id,
+    and the ``+ 0`` keeps SQLite from choosing the seeks (the documented way to disqualify an
+    index there; plain arithmetic for any other database).
+    """
     conditions: list[ColumnElement[bool]] = []
     if tag_ids is not None:
-        conditions.append(PhotoTag.tag_id.in_(sorted(tag_ids)))
-    conditions.extend(_score_ranges(scores))
-    return Photo.id.in_(select(PhotoTag.photo_id).where(*conditions))
-
-
-def _score_ranges(scores: list[ScoreTerm]) -> list[ColumnElement[bool]]:
-    conditions = []
+        column = PhotoTag.tag_id if indexed else PhotoTag.tag_id + 0
+        conditions.append(column.in_(sorted(tag_ids)))
     for s in scores:
         if s.low is not None:
             conditions.append(PhotoTag.score >= s.low)
@@ -166,16 +169,58 @@ def _score_ranges(scores: list[ScoreTerm]) -> list[ColumnElement[bool]]:
     return conditions
 
 
-def _alternative(terms: list[Term], tags: TagIndex,
-                 roots: Sequence[tuple[int, str]]) -> list[ColumnElement[bool]]:
+def _in_tagged(tag_ids: set[int] | None, scores: list[ScoreTerm]) -> ColumnElement[bool]:
+    """``photo.id IN (SELECT photo_id ... WHERE tag_id IN ...)``: driven by the tag index."""
+    return Photo.id.in_(select(PhotoTag.photo_id).where(*_tag_rows(tag_ids, scores)))
+
+
+def _exists_tagged(tag_ids: set[int] | None, scores: list[ScoreTerm]) -> ColumnElement[bool]:
+    """``EXISTS (the photo's own rows with such a tag)``: a check on photos found otherwise."""
+    return (select(PhotoTag.photo_id)
+            .where(PhotoTag.photo_id == Photo.id, *_tag_rows(tag_ids, scores, indexed=False))
+            .exists())
+
+
+Estimate = Callable[[set[int]], int]
+
+
+def _alternative(terms: list[Term], tags: TagIndex, roots: Sequence[tuple[int, str]],
+                 estimate: Estimate | None) -> list[ColumnElement[bool]]:
+    """The AND of one alternative's terms.
+
+    The positive tag term expected to match the fewest photos drives the search through the tag
+    index (``IN``); the other tag terms are checked per photo found (``EXISTS`` / ``NOT EXISTS``).
+    With nothing to drive (``^dog`` alone) a negated tag becomes ``NOT IN``, whose set is built
+    once instead of being looked up for every photo.
+    """
     scores = [t for t in terms if isinstance(t, ScoreTerm)]
+    resolved = {t.index: tags.resolve(t) for t in terms if isinstance(t, TagTerm)}
+    positive = [t for t in terms if isinstance(t, TagTerm) and not t.negated]
+    driver = None
+    if positive:
+        if estimate is not None and len(positive) > 1:
+            driver = min(positive, key=lambda t: estimate(resolved[t.index]))
+        else:
+            driver = positive[0]
+    has_driver = driver is not None or any(isinstance(t, DateTerm) and not t.negated
+                                           for t in terms)
     conditions: list[ColumnElement[bool]] = []
-    if scores and not any(isinstance(t, TagTerm) for t in terms):
-        conditions.append(_tagged(None, scores))  # score:0.9.. alone: any tag that sure
+    if scores and not positive:
+        conditions.append(_in_tagged(None, scores))  # score:0.9.. alone: any tag that sure
     for term in terms:
         if isinstance(term, TagTerm):
-            condition = _tagged(tags.resolve(term), scores)
-        elif isinstance(term, PathTerm):
+            ids = resolved[term.index]
+            if term is driver:
+                conditions.append(_in_tagged(ids, scores))
+            elif not term.negated:
+                conditions.append(_exists_tagged(ids, scores))
+            elif has_driver:
+                conditions.append(not_(_exists_tagged(ids, scores)))
+            else:
+                conditions.append(Photo.id.not_in(
+                    select(PhotoTag.photo_id).where(*_tag_rows(ids, scores))))
+            continue
+        if isinstance(term, PathTerm):
             condition = _path_condition(term, roots)
         elif isinstance(term, DateTerm):
             condition = and_(Photo.taken_at.is_not(None),
@@ -214,12 +259,12 @@ def _score_expression(query: Query, tags: TagIndex) -> ColumnElement:
     for alt in query.alternatives:
         scores = [t for t in alt if isinstance(t, ScoreTerm)]
         positive = [t for t in alt if isinstance(t, TagTerm) and not t.negated]
-        conditions = _score_ranges(scores)
+        tag_ids: set[int] | None = None
         if positive:
-            tag_ids: set[int] = set()
+            tag_ids = set()
             for term in positive:
                 tag_ids |= tags.resolve(term)
-            conditions.append(PhotoTag.tag_id.in_(sorted(tag_ids)))
+        conditions = _tag_rows(tag_ids, scores, indexed=False)  # the photo's own few rows
         if conditions:
             per_alternative.append(and_(*conditions))
     stmt = select(func.max(PhotoTag.score)).where(PhotoTag.photo_id == Photo.id)
@@ -238,12 +283,23 @@ def search(session: Session, query: Query | Sequence[str] | str, *,
     tags = TagIndex.load(session)
     roots = [tuple(r) for r in session.execute(select(AlbumRoot.id, AlbumRoot.path))]
     stmt = build_select(query, tags, roots=roots, extra_sort=sort, with_score=with_score,
-                        limit=limit)
-    hits = []
-    for row in session.execute(stmt):
-        hits.append(Hit(row[0], row[1], row[2], row[3], row[4],
-                        row[5] if len(row) > 5 else None))
-    return hits
+                        limit=limit, estimate=lambda ids: _estimate(session, ids))
+    # Core execution on the session's connection: plain rows, no ORM loading machinery.
+    rows = session.connection().execute(stmt).all()
+    if with_score or any(k.field == "score" for k in list(query.sort) + list(sort)):
+        return [Hit(*row) for row in rows]
+    return [Hit(*row, None) for row in rows]
+
+
+ESTIMATE_CAP = 5000
+
+
+def _estimate(session: Session, tag_ids: set[int]) -> int:
+    """How many photo_tag rows have one of ``tag_ids``, counted up to ESTIMATE_CAP only: enough to
+    tell a rare tag from a common one, at the cost of a short walk of the (tag_id, ...) index."""
+    capped = (select(PhotoTag.photo_id).where(PhotoTag.tag_id.in_(sorted(tag_ids)))
+              .limit(ESTIMATE_CAP).subquery())
+    return session.execute(select(func.count()).select_from(capped)).scalar_one()
 
 
 @dataclass

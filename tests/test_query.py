@@ -419,5 +419,30 @@ def test_compiled_sql_is_portable(library):
                          "date:2023-06..2023-08", "score-", "date-"])
     stmt = build_select(query, tags, roots=[(1, str(root1))], with_score=True, limit=10)
     sql = str(stmt.compile(dialect=postgresql.dialect()))
-    assert "IN (" in sql and "NOT IN" in sql and "LIMIT" in sql
+    assert "IN (" in sql and "NOT (EXISTS" in sql and "LIMIT" in sql
     assert "photo.relpath ILIKE" in sql  # PostgreSQL's own case-insensitive LIKE
+    lone_negation = build_select(parse_query(["^dog"]), tags)
+    assert "NOT IN" in str(lone_negation.compile(dialect=postgresql.dialect()))
+
+
+def test_the_rarest_tag_term_drives_the_search(library):
+    """The estimate decides which tag term uses the tag index; the others become EXISTS checks.
+    Either way the photos found are the same."""
+    engine, _, _ = library
+    with read_session(engine) as session:
+        tags = TagIndex.load(session)
+        cat, dog = tags.with_narrower(tags.lookup("cat")), tags.with_narrower(tags.lookup("dog"))
+        for rare in (cat, dog):
+            stmt = build_select(parse_query(["cat", "dog"]), tags,
+                                estimate=lambda ids, rare=rare: 1 if ids == rare else 100)
+            sql = str(stmt.compile(compile_kwargs={"literal_binds": True}))
+            driven = sql.split("photo.id IN (")[1].split(")")[0]
+            assert f"tag_id IN ({', '.join(map(str, sorted(rare)))}" in driven
+            assert "EXISTS" in sql
+            found = {row.relpath for row in session.execute(stmt)}
+            assert found == {"2023/08/cat_and_dog.jpg"}
+
+
+def test_negated_tag_checked_per_photo_after_a_date(library):
+    assert found_set(library, "date:2023", "^dog") == {"2023/06/tabby.jpg"}
+    assert found_set(library, "^dog", "date:2023") == {"2023/06/tabby.jpg"}
