@@ -121,7 +121,43 @@ def _format_help() -> str:
     return "; ".join(f"{{{k}}} {v}" for k, v in FORMAT_FIELDS.items())
 
 
-@click.command(context_settings={"ignore_unknown_options": True})
+class QueryCommand(click.Command):
+    """A command whose arguments are query terms that may start with '-' (``-dog``, ``-horse``).
+
+    Before click parses them, exact option words (``-0``, ``--limit 5``, ``--json``) move to the
+    front and every other word after a ``--``, so ``-horse`` is the term "not horse" rather
+    than ``-h -o -r -s -e``. A word like ``--limt`` stays an option, for click to reject.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        takes_value: dict[str, bool] = {}
+        for param in self.get_params(ctx):
+            if isinstance(param, click.Option):
+                for name in [*param.opts, *param.secondary_opts]:
+                    takes_value[name] = not param.is_flag and not param.count
+        options: list[str] = []
+        terms: list[str] = []
+        i = 0
+        while i < len(args):
+            word = args[i]
+            name = word.split("=", 1)[0] if word.startswith("--") else word
+            if word == "--":
+                terms.extend(args[i + 1:])
+                break
+            if name in takes_value:
+                options.append(word)
+                if takes_value[name] and "=" not in word and i + 1 < len(args):
+                    options.append(args[i + 1])
+                    i += 1
+            elif word.startswith("--"):
+                options.append(word)  # an unknown long option: click says so
+            else:
+                terms.append(word)
+            i += 1
+        return super().parse_args(ctx, [*options, "--", *terms])
+
+
+@click.command(cls=QueryCommand)
 @click.argument("query", nargs=-1)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of photos with tags.")
 @click.option("--format", "fmt", metavar="FMT",
@@ -143,7 +179,7 @@ def search(app: App, query: tuple[str, ...], as_json: bool, fmt: str | None, lim
       phototag search cat                 cats, tabbies, ... (narrower tags too)
       phototag search cat dog             photos with a cat and a dog
       phototag search cat , dog           photos with a cat or a dog
-      phototag search animal ^dog         animals but no dog (also -- -dog)
+      phototag search animal ^dog         animals but no dog (-dog works too)
       phototag search 猫 score:0.6..      cats with a score of at least 0.6
       phototag search date:2023-06..2023-08 path:trips/ date-
       phototag search date:-1w..          taken in the last week
@@ -156,11 +192,7 @@ def search(app: App, query: tuple[str, ...], as_json: bool, fmt: str | None, lim
 
     if as_json and (fmt or null):
         fail("--json cannot be combined with --format or -0", EX_USAGE)
-    # An option typo (--limt) would otherwise become a query term through ignore_unknown_options.
-    for term in query:
-        if term.startswith("--") and term != "--":
-            fail(f"no such option: {term}", EX_USAGE)
-    terms = [t for t in query if t != "--"]
+    terms = list(query)
     try:
         parsed = parse_query(terms)
         extra_sort = [parse_sort(sort_key)] if sort_key else []

@@ -54,6 +54,21 @@ def test_search_chinese_tag_and_negation_without_double_dash(lib):
         str(root1 / "trips/2023-Rome/bat.jpg")]
 
 
+def test_negated_terms_are_not_taken_for_short_options(lib):
+    """-h is --help and -0 is --null, yet -horse and -0cat are the terms "not horse" and "not 0cat"."""
+    result = run(lib, "search", "animal", "-horse")
+    assert result.exit_code == 1 and "unknown tag 'horse'" in result.stderr
+    result = run(lib, "search", "animal", "-0cat")
+    assert result.exit_code == 1 and "unknown tag '0cat'" in result.stderr
+    _, root1, root2 = lib
+    # options anywhere among the terms, with their values; a term after -- may look like one
+    assert lines(run(lib, "search", "tabby", "--limit", "1", "-cat", "--sort=path-")) == []
+    assert lines(run(lib, "search", "tabby", "--limit=1", "--sort", "path-")) == [
+        str(root1 / "2023/06/tabby.jpg")]
+    result = run(lib, "search", "-0", "--", "tabby", "--json")
+    assert result.exit_code == 2 and "at term 2 '--json': double negation" in result.stderr
+
+
 def test_or_and_sort_terms_on_the_command_line(lib):
     _, root1, _ = lib
     out = lines(run(lib, "search", "dog", ",", "car", "date-"))
@@ -114,7 +129,7 @@ def test_format_fields_and_escapes(lib):
     (["--format", "{path"], "--format"),
     (["--format", "{score:d}"], "--format"),
     (["--json", "-0"], "cannot be combined"),
-    (["--limt", "3"], "no such option: --limt"),
+    (["--limt", "3"], "No such option '--limt'. Did you mean '--limit'?"),
 ])
 def test_bad_output_options_exit_2(lib, args, message):
     result = run(lib, "search", *args, "dog")
