@@ -118,7 +118,6 @@ class LazyTagger:
         from tagger.weights import weights_path
 
         name = model or config.model.name
-        self._config = config
         self._options = dict(
             # the configured weights file belongs to the configured model only
             weights_file=config.model.weights if name == config.model.name else None,
