@@ -123,18 +123,18 @@ def build_select(query: Query, tags: TagIndex, *, roots: Sequence[tuple[int, str
     sort = list(query.sort) + list(extra_sort)
     with_score = with_score or any(k.field == "score" for k in sort)
     columns = [Photo.id, AlbumRoot.path, Photo.relpath, Photo.taken_at, Photo.status]
-    score = _score_expression(query, tags) if with_score else None
+    score = _score_expression(query, tags).label("score") if with_score else None
     if score is not None:
-        columns.append(score.label("score"))
+        columns.append(score)
     stmt = select(*columns).join(AlbumRoot, Photo.root_id == AlbumRoot.id)
     if query.alternatives:
         stmt = stmt.where(or_(*(and_(*_alternative(alt, tags, roots, estimate))
                                 for alt in query.alternatives)))
     order: list[ColumnElement] = []
     for key in sort:
-        if key.field == "score":
-            expr = func.coalesce(score, 0.0)
-            order.append(expr.desc() if key.descending else expr.asc())
+        if key.field == "score":  # by the label: the subquery runs once per row, not twice
+            assert score is not None
+            order.append((score.desc() if key.descending else score.asc()).nulls_last())
         elif key.field == "date":
             order.append(Photo.taken_at.is_(None).asc())  # undated photos last either way
             order.append(Photo.taken_at.desc() if key.descending else Photo.taken_at.asc())

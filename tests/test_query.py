@@ -367,6 +367,11 @@ def test_sort_keys(library):
     assert found(library, "cat", "score-") == [
         "other:kitty.png", "2023/06/tabby.jpg", "2023/08/cat_and_dog.jpg"]
     assert found(library, "dog", "score+") == ["2023/08/cat_and_dog.jpg", "2023/07/beagle.jpg"]
+    # photos without any tag have no score and come last either way
+    assert found(library, "score-")[0] == "other:kitty.png"
+    assert found(library, "score-")[-2:] == ["broken.jpg", "inbox/new.jpg"]
+    assert found(library, "score+")[0] == "trips/2023-Rome/bat.jpg"
+    assert found(library, "score+")[-2:] == ["broken.jpg", "inbox/new.jpg"]
     assert found(library, "car", "path-") == ["recent.jpg", "2023/07/beagle.jpg", "2022/Car.JPG"]
     # --sort comes after the query's sort keys
     assert found(library, "car", sort=[SortKey("path", False)]) == [
