@@ -69,7 +69,7 @@ def test_unit_has_what_the_daemon_relies_on():
     assert d["StateDirectory"] == ["phototag"] and d["CacheDirectory"] == ["phototag"]
     assert d["ProtectSystem"] == ["strict"] and d["NoNewPrivileges"] == ["yes"]
     assert d["PrivateTmp"] == ["yes"] and d["IOSchedulingClass"] == ["idle"]
-    assert d["DynamicUser"] == ["yes"]
+    assert d["User"] == ["phototag"] and d["Group"] == ["phototag"]
     for key in ("WatchdogSec", "RestartSec", "StartLimitIntervalSec", "StartLimitBurst", "Nice",
                 "MemoryMax", "RequiresMountsFor", "ReadOnlyPaths"):
         assert d.get(key), key
