@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy import Engine, func, select
 
+from daemon import keyword_sync
 from daemon.scan import FileFacts, PhotoFilter, chunks, file_facts, root_available, scan_tree
 from storage import library
 from storage.db import read_session, write_session
@@ -399,6 +400,8 @@ def _store(engine: Engine, tagger: TaggerLike | None, waiting: _Pending, retry_a
                 mapping_version=tagger.mapping_version, width=result.width,
                 height=result.height, taken_at=facts.taken_at, content_hash=facts.content_hash)
             counts.tagged += stored
+            if stored:
+                keyword_sync.store_keywords(session, job.photo_id, facts.keywords)
         for job, reason in waiting.errors:
             if library.store_error(session, job, reason, retry_after=retry_after):
                 counts.failed += 1

@@ -116,16 +116,20 @@ class FileFacts:
     content_hash: str | None
     taken_at: datetime | None
     error: str | None = None
+    keywords: list[str] = field(default_factory=list)  # the user's own, from sidecars/EXIF/XMP
 
 
 def file_facts(path: Path) -> FileFacts:
-    """The file's content hash and EXIF DateTimeOriginal; ``error`` if the file cannot be read."""
+    """The file's content hash, EXIF DateTimeOriginal and existing keywords; ``error`` if the file
+    cannot be read. Keyword sources that cannot be parsed are logged and skipped."""
+    from storage.keywords import read_keywords
+
     try:
         with open(path, "rb") as f:
             digest = hashlib.file_digest(f, HASH_NAME).hexdigest()
     except OSError as e:
         return FileFacts(None, None, error=f"cannot read: {e.strerror or e}")
-    return FileFacts(digest, read_taken_at(path))
+    return FileFacts(digest, read_taken_at(path), keywords=read_keywords(path))
 
 
 # EXIF tags: DateTimeOriginal and DateTimeDigitized live in the Exif IFD (0x8769).

@@ -578,3 +578,21 @@ def test_kill_9_mid_run_loses_nothing_and_duplicates_nothing(lib, inferred):
     after = lib.photos()
     assert all(p["status"] == TAGGED for p in after.values())
     assert all(after[r]["tagged_at"] == photos[r]["tagged_at"] for r in done)
+
+
+def test_users_own_keywords_are_indexed_and_searchable(lib):
+    """Keywords another tool wrote (here exiftool, into a sidecar and into the JPEG) are searchable."""
+    photo = lib.album / "camera/canon.jpg"
+    subprocess.run(["exiftool", "-q", "-overwrite_original", "-XMP-dc:Subject=Oma",
+                    "-XMP-dc:Subject=海滩", str(photo)], check=True)
+    sidecar = lib.album / "2024/img1.jpg.xmp"
+    subprocess.run(["exiftool", "-q", "-o", str(sidecar), "-XMP-dc:Subject=Großmutter",
+                    str(lib.album / "2024/img1.jpg")], check=True)
+    lib.index()
+    tags = lib.photos()
+    assert "Oma" in tags["camera/canon.jpg"]["tags"]
+    assert "beach" in tags["camera/canon.jpg"]["tags"]  # 海滩 is the Chinese name of `beach`
+    assert "Großmutter" in tags["2024/img1.jpg"]["tags"]
+    assert lib.run("search", "oma").output.splitlines() == [str(photo)]
+    assert str(photo) in lib.run("search", "海滩").output.splitlines()
+    assert lib.run("search", "Großmutter").output.splitlines() == [str(lib.album / "2024/img1.jpg")]
