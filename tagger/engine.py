@@ -1,8 +1,9 @@
 """Batched tagging: decode threads feed batches to one inference loop.
 
-``Tagger.tag_files`` submits files to a thread pool that decodes and preprocesses them (Pillow
-releases the GIL while decoding and resizing), keeping about two batches in flight, while the
-calling thread runs inference on the batch before. Results come back in input order; a file that
+``Tagger.tag_files`` submits files to a thread pool that decodes, resizes and crops them to uint8
+pixels (Pillow and numpy only: they release the GIL, and no torch work competes with inference's
+threads), keeping about two batches in flight, while the calling thread normalises each batch and
+runs inference on it. Results come back in input order; a file that
 cannot be read yields an ``ImageResult`` with ``error`` set and never fails its batch.
 """
 
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from tagger.preprocess import ImageError, load_image, preprocess
+from tagger.preprocess import ImageError, load_image, normalize, resize_crop, to_uint8_tensor
 from tagger.results import ClassScore, ImageResult
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ class StageTimes:
 
 @dataclass
 class _Decoded:
-    tensor: torch.Tensor | None
+    pixels: torch.Tensor | None  # (3, crop, crop) uint8; normalised per batch in the inference thread
     size: tuple[int, int] | None = None
     error: str | None = None
 
@@ -124,12 +125,12 @@ class Tagger:
             yield path, future.result()
 
     def _decode(self, path: Path) -> _Decoded:
-        """Runs in a decode thread: file -> normalised tensor, or the reason it failed."""
+        """Runs in a decode thread: file -> cropped uint8 pixels, or the reason it failed."""
         try:
             start = time.perf_counter()
             image, size = load_image(path, self.backbone.resize)
             decoded = time.perf_counter()
-            tensor = preprocess(image, self.backbone)
+            pixels = to_uint8_tensor(resize_crop(image, self.backbone))
             done = time.perf_counter()
         except ImageError as e:
             return _Decoded(None, error=str(e))
@@ -140,15 +141,16 @@ class Tagger:
             return _Decoded(None, error=f"cannot decode: {type(e).__name__}: {e}")
         self.stats.decode += decoded - start  # float += under the GIL; good enough for statistics
         self.stats.preprocess += done - decoded
-        return _Decoded(tensor, size)
+        return _Decoded(pixels, size)
 
     def _infer(self, batch: list[tuple[Path, _Decoded]], top: int) -> Iterator[ImageResult]:
-        good = [decoded.tensor for _, decoded in batch if decoded.tensor is not None]
+        good = [decoded.pixels for _, decoded in batch if decoded.pixels is not None]
         probabilities: list[torch.Tensor] = []
         if good:
             start = time.perf_counter()
             with torch.inference_mode():
-                probabilities = list(self.model(torch.stack(good)).softmax(dim=1))
+                inputs = normalize(torch.stack(good), self.backbone)
+                probabilities = list(self.model(inputs).softmax(dim=1))
             self.stats.inference += time.perf_counter() - start
             self.stats.images += len(good)
         rows = iter(probabilities)

@@ -180,34 +180,44 @@ def resized_size(width: int, height: int, resize: int) -> tuple[int, int]:
 
 
 def preprocess(image: Image.Image, backbone: Backbone) -> torch.Tensor:
-    """RGB image -> normalised float tensor (3, crop, crop), as ``reference_transform`` computes it.
+    """RGB image -> normalised float tensor (3, crop, crop), as ``reference_transform`` computes it."""
+    return normalize(to_uint8_tensor(resize_crop(image, backbone)), backbone)
 
-    Resize the shorter side to ``backbone.resize`` (antialiased, like torchvision on PIL images) and
-    center-crop ``backbone.crop``. Both happen in one Pillow call: resizing only the source box
-    that the crop keeps samples the same source positions as resizing everything then cropping.
+
+def resize_crop(image: Image.Image, backbone: Backbone) -> Image.Image:
+    """Resize the shorter side to ``backbone.resize`` and center-crop ``backbone.crop``.
+
+    Antialiased like torchvision's ``Resize`` on PIL images (which calls Pillow's resize), and in
+    one Pillow call: resizing only the source box that the crop keeps samples the same source
+    positions as resizing everything and then cropping, for less work.
     """
     crop = backbone.crop
     new_w, new_h = resized_size(image.width, image.height, backbone.resize)
-    if new_w < crop or new_h < crop:
-        raise ImageError(f"image too small for a {crop}x{crop} crop")
     # torchvision's center_crop offsets
     left = int(round((new_w - crop) / 2.0))
     top = int(round((new_h - crop) / 2.0))
     sx, sy = image.width / new_w, image.height / new_h
     box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
-    cropped = image.resize((crop, crop), _resample(backbone), box=box)
-    return to_tensor(cropped, backbone)
+    return image.resize((crop, crop), _resample(backbone), box=box)
 
 
-def to_tensor(image: Image.Image, backbone: Backbone) -> torch.Tensor:
-    """RGB image -> (3, H, W) float tensor scaled to [0, 1] and normalised with the backbone's mean/std."""
+def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB image -> (3, H, W) uint8 tensor; no torch computation, so it suits decode threads."""
     import torch  # here, so that decoding alone (load_image) needs only Pillow
 
-    tensor = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-    tensor = tensor.to(torch.float32).div_(255)
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def normalize(pixels: torch.Tensor, backbone: Backbone) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> float32 scaled to [0, 1] and normalised with the backbone's mean/std.
+
+    The same operations as torchvision's ``ToTensor`` + ``Normalize``, for one image or a batch.
+    """
+    import torch
+
     mean = torch.tensor(backbone.mean, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(backbone.std, dtype=torch.float32).view(3, 1, 1)
-    return tensor.sub_(mean).div_(std)
+    return pixels.to(torch.float32).div_(255).sub_(mean).div_(std)
 
 
 def reference_transform(backbone: Backbone):
