@@ -91,7 +91,19 @@ def album_configs(config: Config, cli_albums: Sequence[Path]) -> list[AlbumConfi
         where = config.source or "the config file"
         raise StartupError(f"no albums to watch: add [[album]] entries to {where} or pass "
                            "--album PATH", EX_CONFIG)
-    return [replace(a, path=Path(library.root_path(a.path))) for a in albums]
+    resolved = [replace(a, path=Path(library.root_path(a.path))) for a in albums]
+    # An album inside another is watched and scanned with it (watching it twice would double
+    # every event and its inotify watches).
+    kept = []
+    for album in resolved:
+        outer = next((o for o in resolved if o is not album and album.path.is_relative_to(o.path)
+                      and (o.path != album.path or resolved.index(o) < resolved.index(album))),
+                     None)
+        if outer is not None:
+            log.info("album %s is inside album %s: watched as part of it", album.path, outer.path)
+        else:
+            kept.append(album)
+    return kept
 
 
 # --------------------------------------------------------------------------------------------------

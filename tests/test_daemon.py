@@ -648,3 +648,19 @@ def test_retag_outdated_errors_all_and_path(tmp_path, resnet18_weights):
     result = runner.invoke(main, ["--config", str(config), "--db", str(db), "retag",
                                   str(tmp_path)])
     assert result.exit_code == 1 and "not inside any indexed album" in result.output
+
+
+def test_nested_and_repeated_albums_are_watched_once(tmp_path):
+    from daemon.config import AlbumConfig, Config
+    from daemon.service import album_configs
+
+    (tmp_path / "photo" / "family").mkdir(parents=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "photo")
+    config = Config(albums=[AlbumConfig(tmp_path / "photo" / "family"),
+                            AlbumConfig(tmp_path / "link", watch="poll"),
+                            AlbumConfig(tmp_path / "photo"),
+                            AlbumConfig(tmp_path / "other")])
+    kept = album_configs(config, ())
+    assert [(a.path, a.watch) for a in kept] == [(tmp_path / "photo", "poll"),
+                                                 (tmp_path / "other", "inotify")]
