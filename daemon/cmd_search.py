@@ -205,7 +205,8 @@ def search(app: App, query: tuple[str, ...], as_json: bool, fmt: str | None, lim
     with _session(app) as session:
         try:
             hits = run_search(session, parsed, sort=extra_sort, limit=limit,
-                              with_score=as_json or "score" in fields)
+                              with_score=as_json or "score" in fields,
+                              details=as_json or bool(fields & {"date", "taken_at", "status"}))
         except UnknownTagError as e:
             fail(str(e), 1)
         tags = tags_of(session, [h.id for h in hits]) if as_json or "tags" in fields else {}

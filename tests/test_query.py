@@ -451,3 +451,13 @@ def test_the_rarest_tag_term_drives_the_search(library):
 def test_negated_tag_checked_per_photo_after_a_date(library):
     assert found_set(library, "date:2023", "^dog") == {"2023/06/tabby.jpg"}
     assert found_set(library, "^dog", "date:2023") == {"2023/06/tabby.jpg"}
+
+
+def test_details_false_leaves_out_dates_and_status(library):
+    engine, _, _ = library
+    with read_session(engine) as session:
+        full = search(session, ["dog", "score-"])
+        slim = search(session, ["dog", "score-"], details=False)
+    assert [(h.id, h.path, h.score) for h in slim] == [(h.id, h.path, h.score) for h in full]
+    assert full[0].taken_at == datetime(2023, 7, 5) and full[0].status == TAGGED
+    assert slim[0].taken_at is None and slim[0].status is None
