@@ -16,7 +16,7 @@ import string
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -289,25 +289,18 @@ def tags(app: App, show_all: bool, as_json: bool) -> None:
 
 
 def _find_photo(session: Session, file: str):
-    """The Photo for ``file``, matched as root + relpath (also through symlinks), or None."""
-    from pathlib import Path
+    """The Photo for ``file`` and its absolute path, found the way the indexer files it (folder
+    symlinks resolved, the innermost album root), then through the file's own symlink; or None."""
+    from storage.library import absolute_path, locate, photo_at
 
-    from sqlalchemy import select
-
-    from storage.models import AlbumRoot, Photo
-
-    candidates = {os.path.abspath(file), os.path.realpath(file)}
-    for root_id, root_path in session.execute(select(AlbumRoot.id, AlbumRoot.path)):
-        for root in {root_path, os.path.realpath(root_path)}:
-            for candidate in candidates:
-                try:
-                    relpath = Path(candidate).relative_to(root).as_posix()
-                except ValueError:
-                    continue
-                photo = session.execute(select(Photo).where(
-                    Photo.root_id == root_id, Photo.relpath == relpath)).scalar_one_or_none()
-                if photo is not None:
-                    return photo, os.path.join(root_path, photo.relpath)
+    for candidate in dict.fromkeys((file, os.path.realpath(file))):
+        found = locate(session, candidate)
+        if found is None:
+            continue
+        root, relpath = found
+        photo = photo_at(session, root, relpath)
+        if photo is not None:
+            return photo, str(absolute_path(root, relpath))
     return None, None
 
 
@@ -332,7 +325,7 @@ def show(app: App, file: str, as_json: bool) -> None:
             "size": photo.size,
             "width": photo.width,
             "height": photo.height,
-            "tagged_at": _iso(photo.tagged_at, "T") or None,
+            "tagged_at": _iso(photo.tagged_at, "T") + "Z" if photo.tagged_at else None,
             "model": photo.model,
             "mapping_version": photo.mapping_version,
             "tags": [{"name": t.name, "zh": t.zh, "score": t.score, "source": t.source}
@@ -372,7 +365,7 @@ def status(app: App, as_json: bool) -> None:
         per_status = dict.fromkeys(STATUSES, 0)
         per_status.update(session.execute(
             select(Photo.status, func.count()).group_by(Photo.status)).all())
-        now = datetime.now()
+        now = datetime.now(UTC).replace(tzinfo=None)  # retry_at is stored as naive UTC
         retry_due = session.execute(select(func.count()).select_from(Photo).where(
             Photo.status == ERROR, Photo.retry_at.is_not(None), Photo.retry_at <= now)).scalar()
         models = [{"model": m, "mapping_version": v, "photos": n} for m, v, n in session.execute(

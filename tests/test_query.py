@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -180,6 +180,7 @@ def build_library(tmp_path: Path) -> tuple[str, Path, Path]:
         (root2, "kitty.png", TAGGED, datetime(2021, 12, 31, 23, 59, 59),
          {"cat": 0.65, ("tabby", "user"): 1.0}),
     ]
+    utc_now = datetime.now(UTC).replace(tzinfo=None)
     with write_session(engine) as s:
         ids = {}
         for root in (root1, root2):
@@ -206,6 +207,7 @@ def build_library(tmp_path: Path) -> tuple[str, Path, Path]:
                           mtime_ns=file.stat().st_mtime_ns, taken_at=taken_at, status=status,
                           indexed_at=NOW,
                           error="cannot identify image file" if status == ERROR else None,
+                          retry_at=utc_now - timedelta(hours=1) if status == ERROR else None,
                           model="resnet18" if status == TAGGED else None,
                           mapping_version="1" if status == TAGGED else None,
                           tagged_at=NOW if status == TAGGED else None)

@@ -211,7 +211,7 @@ def test_status(lib):
     assert "photos:           9" in out
     assert "  tagged:         7" in out
     assert "pending queue:    1" in out
-    assert "errors:           1 (0 due for retry)" in out
+    assert "errors:           1 (1 due for retry)" in out
     assert f"album:            {root1} (8 photos)" in out
     assert "model:            resnet18 mapping 1 (7 photos)" in out
     assert "last nightly run: never" in out
