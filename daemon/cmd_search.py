@@ -378,8 +378,9 @@ def status(app: App, as_json: bool) -> None:
             .outerjoin(Photo, Photo.root_id == AlbumRoot.id)
             .group_by(AlbumRoot.id, AlbumRoot.path).order_by(AlbumRoot.path))]
         tag_count = session.execute(select(func.count()).select_from(Tag)).scalar()
-        last_nightly = session.execute(
-            select(Meta.value).where(Meta.key == "last_nightly_run")).scalar_one_or_none()
+        meta = dict(session.execute(select(Meta.key, Meta.value).where(
+            Meta.key.in_(["last_nightly_run", "model", "mapping_version"]))).all())
+        last_nightly = meta.get("last_nightly_run")
         where = describe(session.get_bind())
     info = {
         "database": where,
@@ -392,6 +393,8 @@ def status(app: App, as_json: bool) -> None:
         "albums": roots,
         "tags": tag_count,
         "models": models,
+        "library_model": meta.get("model"),  # what the last tagging run used
+        "library_mapping_version": meta.get("mapping_version"),
         "last_nightly_run": last_nightly,
     }
     out = _Output()
@@ -408,6 +411,9 @@ def status(app: App, as_json: bool) -> None:
         out.write(f"tags:             {tag_count}\n")
         for root in roots:
             out.write(f"album:            {root['path']} ({root['photos']} photos)\n")
+        if meta.get("model"):
+            out.write(f"last tagged with: {meta['model']} mapping "
+                      f"{meta.get('mapping_version')}\n")
         for m in models:
             out.write(f"model:            {m['model']} mapping {m['mapping_version']} "
                       f"({m['photos']} photos)\n")

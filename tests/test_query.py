@@ -10,7 +10,17 @@ from sqlalchemy.dialects import postgresql
 
 from storage.db import read_session, write_session
 from storage.migrate import open_for_write
-from storage.models import ERROR, PENDING, TAGGED, AlbumRoot, Photo, PhotoTag, Tag, TagParent
+from storage.models import (
+    ERROR,
+    PENDING,
+    TAGGED,
+    AlbumRoot,
+    Meta,
+    Photo,
+    PhotoTag,
+    Tag,
+    TagParent,
+)
 from storage.query import (
     DateTerm,
     PathTerm,
@@ -217,6 +227,9 @@ def build_library(tmp_path: Path) -> tuple[str, Path, Path]:
                 name, source = key if isinstance(key, tuple) else (key, "model")
                 s.add(PhotoTag(photo_id=photo.id, tag_id=tags[name].id, score=score,
                                source=source))
+        s.add(Meta(key="model", value="resnet18"))
+        s.add(Meta(key="mapping_version", value="1"))
+        s.add(Meta(key="last_nightly_run", value="2024-03-15T03:00:00Z"))
     engine.dispose()
     return url, root1, root2
 

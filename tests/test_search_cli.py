@@ -214,10 +214,12 @@ def test_status(lib):
     assert "errors:           1 (1 due for retry)" in out
     assert f"album:            {root1} (8 photos)" in out
     assert "model:            resnet18 mapping 1 (7 photos)" in out
-    assert "last nightly run: never" in out
+    assert "last tagged with: resnet18 mapping 1" in out
+    assert "last nightly run: 2024-03-15T03:00:00Z" in out
     info = json.loads(run(lib, "status", "--json").stdout)
     assert info["by_status"] == {"pending": 1, "tagged": 7, "error": 1}
     assert info["database"].endswith("library.db")
+    assert info["library_model"] == "resnet18" and info["last_nightly_run"].startswith("2024")
     assert info["albums"] == [{"path": str(root2), "photos": 1}, {"path": str(root1), "photos": 8}]
 
 
