@@ -261,9 +261,17 @@ def tags(app: App, show_all: bool, as_json: bool) -> None:
     from storage.models import PhotoTag, Tag, TagParent
 
     with _session(app) as session:
+        # count(DISTINCT photo_id) per tag cannot use an index and takes seconds on a big
+        # library; rows per tag (an index-only scan) minus the rows that repeat a photo's tag
+        # from a second source (model and user) is the same number, several times faster.
         counts = dict(session.execute(
-            select(PhotoTag.tag_id, func.count(func.distinct(PhotoTag.photo_id)))
-            .group_by(PhotoTag.tag_id)).all())
+            select(PhotoTag.tag_id, func.count()).group_by(PhotoTag.tag_id)).all())
+        repeats = (select(PhotoTag.tag_id, (func.count() - 1).label("extra"))
+                   .group_by(PhotoTag.photo_id, PhotoTag.tag_id)
+                   .having(func.count() > 1).subquery())
+        for tag_id, extra in session.execute(
+                select(repeats.c.tag_id, func.sum(repeats.c.extra)).group_by(repeats.c.tag_id)):
+            counts[tag_id] -= extra
         all_tags = session.execute(select(Tag.id, Tag.name, Tag.zh)).all()
         names = {tag_id: name for tag_id, name, _ in all_tags}
         broader: dict[int, list[str]] = {}

@@ -178,7 +178,8 @@ def build_library(tmp_path: Path) -> tuple[str, Path, Path]:
     engine = open_for_write(url)
     photos = [
         # root, relpath, status, taken_at, {tag: score} or {(tag, source): score}
-        (root1, "2023/06/tabby.jpg", TAGGED, datetime(2023, 6, 5, 10), {"tabby": 0.91}),
+        (root1, "2023/06/tabby.jpg", TAGGED, datetime(2023, 6, 5, 10),
+         {"tabby": 0.91, ("tabby", "keyword"): 1.0}),  # one tag from two sources
         (root1, "2023/07/beagle.jpg", TAGGED, datetime(2023, 7, 5), {"beagle": 0.72, "car": 0.2}),
         (root1, "2023/08/cat_and_dog.jpg", TAGGED, datetime(2023, 8, 31, 23, 30),
          {"cat": 0.40, "dog": 0.55}),
