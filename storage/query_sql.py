@@ -204,7 +204,8 @@ def _alternative(terms: list[Term], tags: TagIndex, roots: Sequence[tuple[int, s
     driver = None
     if positive:
         if estimate is not None and len(positive) > 1:
-            driver = min(positive, key=lambda t: estimate(resolved[t.index]))
+            driver = min(positive, key=lambda t: (estimate(resolved[t.index]),
+                                                  len(resolved[t.index])))
         else:
             driver = positive[0]
     has_driver = driver is not None or any(isinstance(t, DateTerm) and not t.negated
@@ -304,13 +305,14 @@ def search(session: Session, query: Query | Sequence[str] | str, *,
     return [Hit(i, root, rel) for i, root, rel in rows]
 
 
-ESTIMATE_CAP = 5000
+ESTIMATE_CAP = 20_000
 
 
 def _estimate(session: Session, tag_ids: set[int]) -> int:
     """How many photo_tag rows have one of ``tag_ids``, counted up to ESTIMATE_CAP only: enough to
     tell a rare tag from a common one, at the cost of a short walk of the (tag_id, ...) index."""
-    capped = (select(PhotoTag.photo_id).where(PhotoTag.tag_id.in_(sorted(tag_ids)))
+    # Selecting tag_id (not photo_id) keeps it an index-only walk of the (tag_id, score) index.
+    capped = (select(PhotoTag.tag_id).where(PhotoTag.tag_id.in_(sorted(tag_ids)))
               .limit(ESTIMATE_CAP).subquery())
     return session.execute(select(func.count()).select_from(capped)).scalar_one()
 
