@@ -14,7 +14,7 @@
 Both use the default model settings (ResNet-18, batch 16, threads chosen for the cores) and random
 weights unless ``--weights`` names a file (speed does not depend on the weights). Without FOLDER,
 deterministic JPEGs are generated once into the cache by photos.py (3 MP by default: "--size
-4032x3024" for 12 MP phone photos). Targets: daemon within 10% of index, RSS < 500 MB, idle CPU
+4032x3024" for 12 MP phone photos); ``--distinct`` of them, the rest are byte-level variants. Targets: daemon within 10% of index, RSS < 500 MB, idle CPU
 < 1%.
 """
 
@@ -45,11 +45,33 @@ def random_weights(path: Path) -> Path:
     return path
 
 
+def jpeg_variant(data: bytes, number: int) -> bytes:
+    """The same JPEG with a comment segment naming ``number`` after SOI: other bytes (another
+    content hash, so not taken for a moved photo) but exactly the same decoding work."""
+    comment = f"phototag benchmark copy {number}".encode()
+    return data[:2] + b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment + data[2:]
+
+
+def make_set(bases: list[Path], count: int, dest: Path) -> list[Path]:
+    """``count`` distinct JPEGs in ``dest`` made from ``bases`` (cycled, made unique)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        base = bases[i % len(bases)]
+        path = dest / f"IMG_{i:05d}{base.suffix.lower()}"
+        data = base.read_bytes()
+        if i >= len(bases) and base.suffix.lower() in (".jpg", ".jpeg"):
+            data = jpeg_variant(data, i)
+        path.write_bytes(data)
+        paths.append(path)
+    return paths
+
+
 def place(photos: list[Path], dest: Path) -> None:
     """Put the photos in ``dest`` (hard links where possible: fast, no extra disk)."""
     dest.mkdir(parents=True, exist_ok=True)
-    for i, src in enumerate(photos):
-        target = dest / f"IMG_{i:05d}{src.suffix.lower()}"
+    for src in photos:
+        target = dest / src.name
         try:
             os.link(src, target)
         except OSError:
@@ -118,8 +140,8 @@ def run_daemon(work: Path, config: Path, photos: list[Path], idle_seconds: float
 
         total = len(photos) + 1
         started = time.monotonic()
-        for i, src in enumerate(photos):
-            shutil.copyfile(src, album / f"IMG_{i:05d}{src.suffix.lower()}")
+        for src in photos:
+            shutil.copyfile(src, album / src.name)
         copied = time.monotonic() - started
         while tagged_count(db) < total:
             if proc.poll() is not None:
@@ -164,6 +186,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", nargs="?", type=Path, help="photos to use (default: generated)")
     parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--distinct", type=int, default=100,
+                        help="different images among them (generated ones are slow to make); the "
+                             "others are byte-level variants that decode the same")
     parser.add_argument("--size", default="2016x1512", help="generated photos' size (WxH)")
     parser.add_argument("--weights", type=Path, help="ResNet-18 weights (default: random)")
     parser.add_argument("--idle-seconds", type=float, default=60.0)
@@ -171,12 +196,14 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.folder:
-        photos = folder_photos(args.folder, args.count)
+        bases = folder_photos(args.folder, min(args.count, args.distinct))
     else:
         width, height = (int(v) for v in args.size.lower().split("x"))
-        photos = generate_photos(args.count, size=(width, height), progress=False)
+        bases = generate_photos(min(args.count, args.distinct), size=(width, height),
+                                progress=False)
     work = Path(tempfile.mkdtemp(prefix="phototag-bench-daemon-"))
     try:
+        photos = make_set(bases, args.count, work / "photos")
         weights = args.weights or random_weights(work / "resnet18-random.pth")
         config = work / "config.toml"
         config.write_text(f'[model]\nweights = "{weights}"\n')

@@ -14,6 +14,7 @@ This module imports no torch: the caller passes a tagger (``indexer.LazyTagger``
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
@@ -156,6 +157,7 @@ class BatchWorker:
             self.heartbeat = time.monotonic()
             for name in ("tagged", "failed", "moved"):
                 setattr(self.totals, name, getattr(self.totals, name) + getattr(summary, name))
+            release_memory()
         return summary
 
     def _after_batch(self) -> None:
@@ -172,6 +174,15 @@ class BatchWorker:
                 return  # photos not handed out stay pending
             self.heartbeat = time.monotonic()
             yield job
+
+
+def release_memory() -> None:
+    """Give the memory freed after a run of batches back to the system (glibc keeps it otherwise,
+    and an idle daemon would hold on to its peak for hours). A no-op without glibc."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class _BatchLog:
