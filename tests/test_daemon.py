@@ -439,6 +439,19 @@ def test_unmounted_album_root_deletes_nothing(running):
     assert db_rows(running.db, query, (str(share),)) == before
 
 
+def test_reload_with_a_broken_config_keeps_the_running_one(running):
+    good = running.config.read_text()
+    running.config.write_text(good + "\n[daemon]\nstable_seconds = 'soon'\n")
+    try:
+        running.daemon.signal(signal.SIGHUP)
+        running.daemon.wait_log("configuration not reloaded, keeping the running one")
+    finally:
+        running.config.write_text(good)
+    write_jpeg(running.album / "after-bad-reload.jpg", 70)  # still watching and tagging
+    wait_until(lambda: tagged(running.db, "after-bad-reload.jpg"), what="photo tagged")
+    assert running.daemon.proc.poll() is None
+
+
 def test_nightly_job_through_the_scheduler_after_reload(running):
     """SIGHUP with a near-future nightly schedule: the job re-tags an outdated photo."""
     write_jpeg(running.album / "night" / "old.jpg", 60)
