@@ -1,8 +1,10 @@
 """Compile a parsed Query to one SQLAlchemy SELECT and run it.
 
-The tag hierarchy (a few hundred tags) is resolved in Python: a tag term becomes
-``photo.id IN (SELECT photo_id FROM photo_tag WHERE tag_id IN (<the tag and its narrower tags>))``,
-which every database can answer from the (tag_id, score) index. No SQLite-only SQL.
+The tag hierarchy (a few hundred tags) is resolved in Python, so a tag term is a plain list of tag
+ids. In each alternative the rarest positive tag term drives the search,
+``photo.id IN (SELECT photo_id FROM photo_tag WHERE tag_id IN (<the tag and its narrower tags>))``
+from the (tag_id, score) index; the other tag terms are ``[NOT] EXISTS`` checks on each photo's
+own few rows. Dates, paths and status are plain conditions on photo. No SQLite-only SQL.
 """
 
 from __future__ import annotations
