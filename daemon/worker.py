@@ -102,9 +102,9 @@ class BatchWorker:
         self._wake.set()
 
     def stop(self, timeout: float = 20.0) -> bool:
-        """Stop taking photos, finish the batch in hand (a few seconds), return once stopped.
+        """Stop taking photos, commit the batch in hand, return once stopped.
 
-        Photos not committed by then simply stay pending for the next start."""
+        Photos not committed by then (already handed to the tagger) stay pending."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -152,6 +152,8 @@ class BatchWorker:
         try:
             indexer.tag_jobs(self.engine, self.tagger, self._jobs(), retry_after=self.retry_after,
                              summary=summary, warn=log.warning, advance=batch.done)
+        except _StopRequested:
+            log.info("stopping: batch committed, the photos in flight stay pending")
         finally:
             self.busy = False
             self.heartbeat = time.monotonic()
@@ -162,6 +164,10 @@ class BatchWorker:
 
     def _after_batch(self) -> None:
         self.heartbeat = time.monotonic()
+        if self._stop.is_set():
+            # Leave tag_jobs right after this commit rather than finish the photos already being
+            # decoded (a few batches' worth: seconds on a slow NAS); they stay pending.
+            raise _StopRequested
         if self.after_batch is not None:
             try:
                 self.after_batch()
@@ -174,6 +180,10 @@ class BatchWorker:
                 return  # photos not handed out stay pending
             self.heartbeat = time.monotonic()
             yield job
+
+
+class _StopRequested(Exception):
+    pass
 
 
 def release_memory() -> None:
