@@ -366,7 +366,7 @@ def status(app: App, as_json: bool) -> None:
     from sqlalchemy import func, select
 
     from storage.db import describe
-    from storage.migrate import head_revision
+    from storage.migrate import HEAD
     from storage.models import ERROR, PENDING, STATUSES, AlbumRoot, Meta, Photo, Tag
 
     with _session(app) as session:
@@ -392,7 +392,7 @@ def status(app: App, as_json: bool) -> None:
         where = describe(session.get_bind())
     info = {
         "database": where,
-        "schema": head_revision(),
+        "schema": HEAD,
         "photos": sum(per_status.values()),
         "by_status": per_status,
         "pending_queue": per_status[PENDING],

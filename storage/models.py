@@ -117,7 +117,8 @@ class TagParent(Base):
 
 class PhotoTag(Base):
     __tablename__ = "photo_tag"
-    __table_args__ = (Index("ix_photo_tag_tag_score", "tag_id", "score"),)
+    # photo_id too, so that finding the photos with a tag is an index-only scan.
+    __table_args__ = (Index("ix_photo_tag_tag_score", "tag_id", "score", "photo_id"),)
 
     photo_id: Mapped[int] = mapped_column(
         ForeignKey("photo.id", ondelete="CASCADE"), primary_key=True

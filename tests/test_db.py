@@ -164,3 +164,23 @@ def test_outdated_database_is_refused_for_reading_and_upgraded_for_writing(tmp_p
         open_for_read(url(path))
     open_for_write(url(path)).dispose()
     open_for_read(url(path)).dispose()
+
+
+def test_reading_a_current_database_does_not_import_alembic(db):
+    """open_for_read compares alembic_version with HEAD; alembic is only for other versions."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from storage.migrate import open_for_read\n"
+            f"open_for_read({url(db)!r}).dispose()\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'alembic'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_several_schema_versions_are_refused(db):
+    with sqlite3.connect(db) as raw:
+        raw.execute("INSERT INTO alembic_version (version_num) VALUES ('0001')")
+    with pytest.raises(DatabaseCorrupt, match="several schema versions"):
+        open_for_read(url(db))

@@ -15,7 +15,14 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 
 from storage.db import make_engine, write_options
-from storage.migrate import MIGRATIONS_DIR, alembic_config, head_revision, open_for_write, upgrade
+from storage.migrate import (
+    HEAD,
+    MIGRATIONS_DIR,
+    alembic_config,
+    head_revision,
+    open_for_write,
+    upgrade,
+)
 from storage.models import Base
 
 MTIME_NS = 1_700_000_000_123_456_789  # a real nanosecond mtime: needs 64 bits
@@ -62,6 +69,11 @@ def test_migrations_form_one_line_of_history():
     assert revisions[-1] == "0001" and revisions[0] == head_revision()
 
 
+def test_head_constant_is_alembics_head():
+    """storage.migrate.HEAD lets read-only commands skip alembic; it must name the newest script."""
+    assert HEAD == head_revision()
+
+
 def test_models_and_migrations_agree(tmp_path):
     engine = open_for_write(f"sqlite:///{tmp_path / 'phototag.db'}")
     with engine.connect() as connection:
@@ -83,6 +95,8 @@ def test_upgrading_an_old_database_keeps_its_data(tmp_path):
         assert MigrationContext.configure(connection).get_current_revision() == head_revision()
         columns = {c["name"]: c["type"] for c in inspect(connection).get_columns("photo")}
         assert "BIGINT" in str(columns["mtime_ns"]) and "BIGINT" in str(columns["size"])
+        indexes = {i["name"]: i["column_names"] for i in inspect(connection).get_indexes("photo_tag")}
+        assert indexes["ix_photo_tag_tag_score"] == ["tag_id", "score", "photo_id"]  # 0003
         assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1  # restored
         assert connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall() == []
     # the backup is the database as it was, made before the upgrade
