@@ -52,25 +52,35 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 
-# command name -> "module:attribute" of its click command
-COMMANDS = {
-    "classify": "daemon.cmd_classify:classify",
-    "index": "daemon.cmd_index:index",
-    "search": "daemon.cmd_search:search",
-    "tags": "daemon.cmd_search:tags",
-    "show": "daemon.cmd_search:show",
-    "status": "daemon.cmd_search:status",
-    "retag": "daemon.cmd_daemon:retag",
-    "daemon": "daemon.cmd_daemon:daemon",
-    "write-tags": "daemon.cmd_write_tags:write_tags",
-    "bench": "daemon.cmd_bench:bench",
-    "model": "daemon.cmd_model:model",
-    "db": "daemon.cmd_db:db",
+# command name -> ("module:attribute" of its click command, its short help for `phototag --help`).
+# The help is kept here so that listing the commands imports none of them (a test checks that it
+# equals each command's own short help).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "classify": ("daemon.cmd_classify:classify",
+                 "Tag FILE... and print the top classes and tags with their confidences."),
+    "index": ("daemon.cmd_index:index", "Index the photos in PATH..."),
+    "search": ("daemon.cmd_search:search",
+               "Find photos by tag, score, path and date; print their paths."),
+    "tags": ("daemon.cmd_search:tags",
+             "List tags with the number of photos tagged with each (most first)."),
+    "show": ("daemon.cmd_search:show",
+             "Show one photo's tags and scores, status and the model that tagged it."),
+    "status": ("daemon.cmd_search:status",
+               "Show the library: photos per status, queue, errors, database, models in use."),
+    "retag": ("daemon.cmd_daemon:retag",
+              "Re-tag photos now (inside PATH if given): by default the outdated and failed ones."),
+    "daemon": ("daemon.cmd_daemon:daemon",
+               "Watch the albums and tag new photos as they arrive (runs in the foreground)."),
+    "write-tags": ("daemon.cmd_write_tags:write_tags",
+                   "Write phototag's tags as keywords of every tagged photo (or those under PATH)."),
+    "bench": ("daemon.cmd_bench:bench", "Measure tagging speed and memory on this machine."),
+    "model": ("daemon.cmd_model:model", "Download, import and list model weights."),
+    "db": ("daemon.cmd_db:db", "Database maintenance."),
 }
 
 
 class LazyGroup(click.Group):
-    """A group that imports a command's module only when that command is run or listed."""
+    """A group that imports a command's module only when that command is run."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)
@@ -78,8 +88,17 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS:
             return None
-        module_name, attribute = COMMANDS[name].split(":")
+        module_name, attribute = COMMANDS[name][0].split(":")
         return getattr(importlib.import_module(module_name), attribute)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list of --help, from COMMANDS (click's own would import every command)."""
+        limit = formatter.width - 6 - max(len(name) for name in COMMANDS)
+        # A bare Command shortens the text exactly as the real command would its docstring.
+        rows = [(name, click.Command(name, help=short_help).get_short_help_str(limit))
+                for name, (_, short_help) in COMMANDS.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -97,6 +116,10 @@ def main(ctx: click.Context, config_path: str | None, db_override: str | None, v
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # Alembic's chatter ("Context impl SQLiteImpl.", "Will assume transactional DDL.") is for
+    # -v only; storage.migrate quiets it otherwise.
+    if verbose:
+        logging.getLogger("alembic").setLevel(logging.INFO)
     ctx.obj = App(config_path=config_path, db_override=db_override, verbose=verbose)
 
 

@@ -8,10 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
-from daemon.cli import main
+from daemon.cli import COMMANDS, main
 from test_query import build_library
 
 
@@ -243,10 +244,42 @@ def test_read_only_commands_never_import_torch(lib):
         f"        main(['--db', {url!r}, *args])\n"
         f"    except SystemExit:\n"
         f"        pass\n"
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'tagger', 'PIL'))\n"
+        "heavy = sorted(m for m in sys.modules\n"
+        "               if m.split('.')[0] in ('torch', 'torchvision', 'tagger', 'PIL', 'alembic'))\n"
         "print('HEAVY', heavy, file=sys.stderr)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=Path(__file__).parent.parent, timeout=120)
     assert "kitty.png" in result.stdout  # the search really ran
-    assert "HEAVY []" in result.stderr, result.stderr
+    assert "HEAVY []" in result.stderr, result.stderr  # alembic too: the database is current
+    assert "alembic" not in result.stderr  # no INFO lines from it either
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_listed_short_help_is_the_commands_own(name):
+    """`phototag --help` shows the help kept in COMMANDS; it must not drift from the command's."""
+    module_name, attribute = COMMANDS[name][0].split(":")
+    module = pytest.importorskip(module_name, reason=f"{module_name} not written yet")
+    command = getattr(module, attribute)
+    for limit in (40, 64, 1000):
+        listed = click.Command(name, help=COMMANDS[name][1]).get_short_help_str(limit)
+        assert listed == command.get_short_help_str(limit)
+
+
+def test_help_lists_every_command_without_importing_them():
+    code = (
+        "import sys\n"
+        "from daemon.cli import main\n"
+        "try:\n"
+        "    main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('LOADED', sorted(m for m in sys.modules\n"
+        "                       if m.startswith(('daemon.cmd_', 'sqlalchemy', 'storage'))))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=Path(__file__).parent.parent, timeout=120, check=True)
+    assert "LOADED []" in result.stdout
+    listed = result.stdout.split("Commands:")[1].split("LOADED")[0]
+    names = [line.split()[0] for line in listed.splitlines() if line[2:3].strip()]  # not wrapped
+    assert names == list(COMMANDS)
