@@ -5,6 +5,10 @@ ids. In each alternative the rarest positive tag term drives the search,
 ``photo.id IN (SELECT photo_id FROM photo_tag WHERE tag_id IN (<the tag and its narrower tags>))``
 from the (tag_id, score) index; the other tag terms are ``[NOT] EXISTS`` checks on each photo's
 own few rows. Dates, paths and status are plain conditions on photo. No SQLite-only SQL.
+
+With ``--limit`` and the path order, a common driving tag (over ESTIMATE_CAP rows) becomes an
+``EXISTS`` check too: the database then walks the photos in path order through the
+(root_id, relpath) index and stops at the limit (``animal --limit 100``: 1 ms instead of 1 s).
 """
 
 from __future__ import annotations
@@ -134,8 +138,9 @@ def build_select(query: Query, tags: TagIndex, *, roots: Sequence[tuple[int, str
     if score is not None:
         columns.append(score)
     stmt = select(*columns).join(AlbumRoot, Photo.root_id == AlbumRoot.id)
+    path_order_scan = limit is not None and all(k.field == "path" for k in sort)
     if query.alternatives:
-        stmt = stmt.where(or_(*(and_(*_alternative(alt, tags, roots, estimate))
+        stmt = stmt.where(or_(*(and_(*_alternative(alt, tags, roots, estimate, path_order_scan))
                                 for alt in query.alternatives)))
     order: list[ColumnElement] = []
     for key in sort:
@@ -192,13 +197,16 @@ Estimate = Callable[[set[int]], int]
 
 
 def _alternative(terms: list[Term], tags: TagIndex, roots: Sequence[tuple[int, str]],
-                 estimate: Estimate | None) -> list[ColumnElement[bool]]:
+                 estimate: Estimate | None,
+                 path_order_scan: bool = False) -> list[ColumnElement[bool]]:
     """The AND of one alternative's terms.
 
     The positive tag term expected to match the fewest photos drives the search through the tag
     index (``IN``); the other tag terms are checked per photo found (``EXISTS`` / ``NOT EXISTS``).
     With nothing to drive (``^dog`` alone) a negated tag becomes ``NOT IN``, whose set is built
-    once instead of being looked up for every photo.
+    once instead of being looked up for every photo. ``path_order_scan`` (a limit, path order):
+    a driver estimated to match many photos is an ``EXISTS`` check as well, so that photos are
+    read in path order until the limit.
     """
     scores = [t for t in terms if isinstance(t, ScoreTerm)]
     resolved = {t.index: tags.resolve(t) for t in terms if isinstance(t, TagTerm)}
@@ -210,8 +218,12 @@ def _alternative(terms: list[Term], tags: TagIndex, roots: Sequence[tuple[int, s
                                                   len(resolved[t.index])))
         else:
             driver = positive[0]
-    has_driver = driver is not None or any(isinstance(t, DateTerm) and not t.negated
-                                           for t in terms)
+    walk_in_path_order = (driver is not None and path_order_scan and estimate is not None
+                          and estimate(resolved[driver.index]) >= ESTIMATE_CAP)
+    if walk_in_path_order:
+        driver = None
+    has_driver = walk_in_path_order or driver is not None or any(
+        isinstance(t, DateTerm) and not t.negated for t in terms)
     conditions: list[ColumnElement[bool]] = []
     if scores and not positive:
         conditions.append(_in_tagged(None, scores))  # score:0.9.. alone: any tag that sure

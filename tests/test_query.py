@@ -477,3 +477,24 @@ def test_details_false_leaves_out_dates_and_status(library):
     assert [(h.id, h.path, h.score) for h in slim] == [(h.id, h.path, h.score) for h in full]
     assert full[0].taken_at == datetime(2023, 7, 5) and full[0].status == TAGGED
     assert slim[0].taken_at is None and slim[0].status is None
+
+
+@pytest.mark.parametrize("terms", [["animal"], ["cat", "dog"], ["cat", "^dog"], ["animal", ",", "car"],
+                                   ["animal", "score:0.6.."], ["^dog", "animal"]])
+def test_common_tag_with_a_limit_walks_photos_in_path_order(library, monkeypatch, terms):
+    """With a limit and the path order, a driving tag estimated as common (here: any, with the cap
+    at 1) is checked per photo (EXISTS) instead of IN; the photos found are the same."""
+    import storage.query_sql
+
+    engine, _, _ = library
+    expected = {limit: found(library, *terms, limit=limit) for limit in (1, 2, 100)}
+    assert expected[100] == found(library, *terms)  # the limit cuts, it does not change the order
+    monkeypatch.setattr(storage.query_sql, "ESTIMATE_CAP", 1)
+    with read_session(engine) as session:
+        tags = TagIndex.load(session)
+    stmt = build_select(parse_query(terms), tags, extra_sort=[SortKey("path", False)], limit=2,
+                        estimate=lambda ids: 1)
+    sql = str(stmt.compile(dialect=postgresql.dialect()))
+    assert "photo.id IN (" not in sql and "EXISTS" in sql
+    for limit, paths in expected.items():
+        assert found(library, *terms, limit=limit) == paths
