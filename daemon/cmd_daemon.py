@@ -7,9 +7,8 @@ from pathlib import Path
 
 import click
 
-from daemon.cli import EX_CONFIG, EX_USAGE, App, fail, pass_app
-
-EX_INTERRUPTED = 130
+from daemon.cli import EX_CONFIG, App, fail, pass_app
+from daemon.cmd_support import Progress, interrupted, lazy_tagger_or_exit, open_db_for_write_or_exit
 
 
 @click.command("daemon")
@@ -49,57 +48,30 @@ def retag(app: App, outdated: bool, errors: bool, everything: bool, model: str |
     The same work the daemon's nightly job queues, done in the foreground with a progress bar.
     Their current tags stay searchable until the new ones replace them. Safe to interrupt.
     """
-    from tqdm import tqdm
-
-    from daemon import indexer
     from daemon.worker import Selection, retag as retag_photos
     from storage.db import DatabaseError
-    from storage.migrate import open_for_write
-    from tagger.backbones import ModelError, UnknownModelError
-    from tagger.labels import LabelMapError
+    from tagger.backbones import ModelError
 
     if not (outdated or errors or everything):
         outdated = errors = True
     selection = Selection(outdated=outdated, errors=errors, everything=everything)
     config = app.config
-    try:
-        tagger = indexer.LazyTagger(config, model)  # fails fast, before touching the database
-    except UnknownModelError as e:
-        fail(str(e), EX_USAGE if model else EX_CONFIG)
-    except (ModelError, LabelMapError) as e:  # missing weights, bad label mapping
-        fail(str(e), EX_CONFIG)
-    try:
-        engine = open_for_write(app.db_url)
-    except DatabaseError as e:
-        fail(str(e))
-
-    bar: tqdm | None = None
-
-    def progress(total: int):
-        nonlocal bar
-        bar = tqdm(total=total, unit="photo", desc="re-tagging", file=sys.stderr,
-                   disable=not sys.stderr.isatty(), dynamic_ncols=True, smoothing=0.1)
-        return bar.update
-
-    def warn(message: str) -> None:
-        tqdm.write(f"phototag: warning: {message}", file=sys.stderr)
-
+    tagger = lazy_tagger_or_exit(config, model)  # before touching the database: fails fast
+    engine = open_db_for_write_or_exit(app.db_url)
+    progress = Progress("re-tagging")
     try:
         summary = retag_photos(engine, tagger, selection,
                                folder=str(path) if path is not None else None,
-                               retry_after=config.daemon.retry_after, warn=warn, progress=progress)
+                               retry_after=config.daemon.retry_after, warn=progress.warn,
+                               progress=progress.start)
     except (LookupError, DatabaseError) as e:
         fail(str(e))
     except ModelError as e:  # weights there but unusable: found when the model is loaded
         fail(str(e), EX_CONFIG)
     except KeyboardInterrupt:
-        if bar is not None:
-            bar.close()
-        click.echo("phototag: interrupted; the photos not done yet stay queued", err=True)
-        sys.exit(EX_INTERRUPTED)
+        interrupted(progress, "the photos not done yet stay queued")
     finally:
+        progress.close()
         engine.dispose()
-    if bar is not None:
-        bar.close()
     click.echo(f"re-tagged {selection.describe()}: {summary.tagged} tagged, {summary.failed} "
                f"failed, {summary.moved} moved")

@@ -12,8 +12,7 @@ from pathlib import Path
 import click
 
 from daemon.cli import App, fail, pass_app
-
-EX_INTERRUPTED = 130
+from daemon.cmd_support import Progress, interrupted, open_db_for_write_or_exit
 
 
 @click.command("write-tags")
@@ -28,11 +27,8 @@ def write_tags(app: App, path: Path | None, mode: str | None, dry_run: bool) -> 
     A re-run replaces only the keywords phototag wrote before; keywords set by the user or other
     tools stay. A photo that changed since it was tagged is skipped: index it again first.
     """
-    from tqdm import tqdm
-
     from daemon import keyword_sync
     from storage.db import DatabaseError, read_session
-    from storage.migrate import open_for_write
 
     if not app.verbose:  # per-file notes ("XPKeywords skipped: no EXIF block") only with -v
         logging.getLogger("storage.keywords").setLevel(logging.WARNING)
@@ -42,11 +38,9 @@ def write_tags(app: App, path: Path | None, mode: str | None, dry_run: bool) -> 
         fail("keyword writing is off: pass --mode sidecar|embedded, "
              "or set [metadata] write in the config")
     sidecar_name = config.metadata.sidecar_name
-    try:
-        engine = open_for_write(app.db_url)
-    except DatabaseError as e:
-        fail(str(e))
+    engine = open_db_for_write_or_exit(app.db_url)
     broader = _broader_order(config)
+    progress = Progress("writing")
     try:
         with read_session(engine) as session:
             ids = keyword_sync.selected_photo_ids(session, path)
@@ -55,18 +49,16 @@ def write_tags(app: App, path: Path | None, mode: str | None, dry_run: bool) -> 
                             sidecar_name)
                 click.echo(f"dry run: {len(ids)} photos would be written")
                 return
-        with tqdm(total=len(ids), unit="photo", desc="writing", file=sys.stderr,
-                  disable=not sys.stderr.isatty(), dynamic_ncols=True) as bar:
-            summary = keyword_sync.write_photos(
-                engine, ids, mode=mode, sidecar_name=sidecar_name, broader=broader,
-                warn=lambda line: tqdm.write(f"phototag: {line}", file=sys.stderr),
-                advance=bar.update)
+        summary = keyword_sync.write_photos(
+            engine, ids, mode=mode, sidecar_name=sidecar_name, broader=broader,
+            warn=lambda line: progress.echo(f"phototag: {line}"),
+            advance=progress.start(len(ids)))
     except DatabaseError as e:
         fail(str(e))
     except KeyboardInterrupt:  # each photo is written and recorded whole, or not at all
-        click.echo("phototag: interrupted; photos written so far keep their keywords", err=True)
-        sys.exit(EX_INTERRUPTED)
+        interrupted(progress, "photos written so far keep their keywords")
     finally:
+        progress.close()
         engine.dispose()
     click.echo(f"keywords: {summary.line()} ({mode})")
     if summary.failed:

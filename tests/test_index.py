@@ -9,7 +9,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
