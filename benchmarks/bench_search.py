@@ -185,6 +185,7 @@ def cold_start(url: str, runs: int) -> dict[str, float]:
     commands = {
         "python -c pass": [sys.executable, "-c", "pass"],
         "phototag --version": [exe, "--version"],
+        "phototag --help": [exe, "--help"],
         "phototag search cat --limit 20": [exe, "--db", url, "search", "cat", "--limit", "20"],
         "phototag search cat (all rows)": [exe, "--db", url, "search", "cat"],
     }
@@ -229,8 +230,6 @@ def main() -> None:
     parser.add_argument("--db", type=Path, help="keep the database here (reused if filled)")
     parser.add_argument("--runs", type=int, default=30, help="timed runs per query")
     parser.add_argument("--cold-runs", type=int, default=7, help="process starts per command")
-    parser.add_argument("--covering-index", action="store_true",
-                        help="also time the queries with an index photo_tag(tag_id, score, photo_id)")
     args = parser.parse_args()
 
     tmp = None
@@ -258,20 +257,6 @@ def main() -> None:
     print(f"\nquery latency over {args.runs} runs (ms; includes parse, tag hierarchy, SQL, "
           "fetching all rows):")
     print_queries(url, args.runs)
-    if args.covering_index:
-        from storage.db import make_engine
-
-        engine = make_engine(url)
-        with engine.begin() as conn:
-            conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_bench_photo_tag_cover "
-                                 "ON photo_tag (tag_id, score, photo_id)")
-            conn.exec_driver_sql("ANALYZE")
-        engine.dispose()
-        print("\nthe same with an extra index photo_tag (tag_id, score, photo_id):")
-        print_queries(url, args.runs)
-        with make_engine(url).begin() as conn:
-            conn.exec_driver_sql("DROP INDEX ix_bench_photo_tag_cover")
-
     print(f"\ncold start, median of {args.cold_runs} process runs:")
     for label, seconds in cold_start(url, args.cold_runs).items():
         print(f"  {label:<54}{seconds:8.3f} s")
