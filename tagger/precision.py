@@ -1,0 +1,505 @@
+"""Running a backbone at the precision (fp32, bf16, int8 or "auto") and runtime the user chose.
+
+``prepare_model`` turns a loaded float32 model into a module the tagger calls exactly like the
+original (float batch in, logits out), plus the precision and runtime actually used and the reason.
+
+What each precision is (measured on a 2-core AMD EPYC with AVX2, no AVX-512/VNNI; see
+``phototag bench`` and the helper's note for the figures):
+
+* **fp32**: torch with channels-last weights (20-30% faster than the default layout here), or the
+  model exported to ONNX and run by ONNX Runtime (``runtime = "onnxruntime"``; 4x faster than
+  torch for EfficientNet-Lite0's depthwise convolutions, 1.3x for ResNet-18).
+* **bf16**: torch autocast to bfloat16, only on CPUs with native bf16 (AVX512-BF16 or AMX on x86,
+  the BF16 extension on ARM). Elsewhere torch emulates it and it is 4x *slower* than fp32, so the
+  request falls back to fp32 with a reason.
+* **int8**: ONNX Runtime's post-training static quantization (QDQ: int8 per-channel weights, uint8
+  activations), calibrated on the user's own photos. This is the maintained int8 path that needs no
+  compiler at run time: torch 2.14 dropped ``torch.ao.quantization.quantize_pt2e`` (it moved to
+  torchao, whose fast kernels need ``torch.compile`` with a C++ toolchain, and whose x86 quantizer
+  failed on ResNet-18 and left EfficientNet-Lite0's convolutions unquantized here), and the
+  eager/FX ``torch.ao`` flow is deprecated (69% top-1 agreement on EfficientNet-Lite0 here).
+  The first Conv nodes stay float32 (the stem and, for mobile nets, the first block, where
+  quantization hurt most), and every image whose int8 top-1 leads its runner-up by less than
+  ``RECHECK_MARGIN`` in probability is re-run in float32 ("close calls": ~12% of real photos).
+  Without the re-check int8 agreed with fp32 on 96-97% of real photos; with it on 100% of 300.
+  Needs AVX2 on x86 (ONNX Runtime's int8 kernels; without them int8 is no faster) or the dot-product
+  extension on ARM; otherwise fp32 with a reason.
+* **auto**: the fastest of the precisions this CPU supports whose top-1 agreement with fp32 is
+  >= 98% on a held-out half of the calibration photos; fp32 when there are too few photos to tell.
+
+Calibration photos are the user's own (a sample of the library, chosen by the caller): a shipped
+set would need redistributable photos in the package, and a sample of the library matches what
+will be tagged. Prepared models and auto's decision are cached in ``<cache_dir>/prepared/`` under
+a fingerprint of the weights, so start-up reuses them and changed weights never meet a stale file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from tagger.backbones import Backbone
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
+RUNTIMES = ("torch", "onnxruntime")
+AGREEMENT_THRESHOLD = 0.98  # auto's minimum top-1 agreement with fp32
+MIN_SPEEDUP = 1.1  # auto leaves fp32 only for a precision at least this much faster (timing noise)
+RECHECK_MARGIN = 0.15  # int8: re-run in fp32 when top-1 leads top-2 by less (softmax probability)
+MIN_CALIBRATION = 8  # photos needed to calibrate int8 (auto needs twice as many: half held out)
+MAX_CALIBRATION = 32  # photos int8 is calibrated on
+MAX_EVALUATION = 200  # held-out photos auto measures agreement and speed on
+RECIPE = 1  # part of every cached file name: bump when preparation changes so caches are remade
+FLOAT_NODES_DEFAULT = 3  # leading Conv/Gemm nodes kept in float32 when quantizing (stem + block 1)
+FLOAT_NODES = {"resnet18": 1, "shufflenet_v2_x1_0": 1}  # plain stems: the stem conv only
+
+X86 = {"x86_64", "amd64", "i386", "i686"}
+ARM = {"aarch64", "arm64", "armv8l"}
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    """The CPU's architecture and instruction-set flags, as far as precision choices care."""
+
+    arch: str
+    flags: frozenset[str]
+
+    @classmethod
+    def detect(cls) -> CpuFeatures:
+        """From /proc/cpuinfo's ``flags`` (x86) or ``Features`` (ARM) line; else ask torch."""
+        arch = platform.machine().lower()
+        flags = _cpuinfo_flags(Path("/proc/cpuinfo"))
+        if not flags:
+            flags = _torch_flags()
+        return cls(arch, frozenset(flags))
+
+    @classmethod
+    def of(cls, arch: str, flags: Iterable[str]) -> CpuFeatures:
+        return cls(arch.lower(), frozenset(f.lower() for f in flags))
+
+    @property
+    def vnni(self) -> bool:
+        """Int8 dot-product instructions (no uint8 x int8 saturation, so full-range weights)."""
+        return bool(self.flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+    def int8_unsupported(self) -> str | None:
+        """Why int8 would not pay off on this CPU, or None if it is supported."""
+        if self.arch in X86:
+            return None if "avx2" in self.flags else "this CPU has no AVX2, which fast int8 needs"
+        if self.arch in ARM:
+            return None if "asimddp" in self.flags else "this CPU has no ARM dot-product extension (asimddp)"
+        return f"int8 is only prepared for x86-64 and ARM64 CPUs, not {self.arch or 'this CPU'}"
+
+    def bf16_unsupported(self) -> str | None:
+        """Why bf16 would be slow (emulated) on this CPU, or None if it is native."""
+        if self.arch in X86:
+            if self.flags & {"avx512_bf16", "amx_bf16"}:
+                return None
+            return "this CPU has no native bf16 (AVX512-BF16 or AMX); emulated bf16 is slower than fp32"
+        if self.arch in ARM:
+            return None if "bf16" in self.flags else "this CPU has no native bf16 (ARM BF16 extension)"
+        return f"bf16 is only prepared for x86-64 and ARM64 CPUs, not {self.arch or 'this CPU'}"
+
+    def key(self) -> str:
+        """A short stable id of the features that matter, for cache file names."""
+        relevant = sorted(self.flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8",
+                                        "avx512_vnni", "avx_vnni", "asimddp", "bf16"})
+        return hashlib.sha256(" ".join([self.arch, *relevant]).encode()).hexdigest()[:8]
+
+
+def _cpuinfo_flags(path: Path) -> set[str]:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            return set(value.split())
+    return set()
+
+
+def _torch_flags() -> set[str]:
+    """Coarse flags from torch's own dispatch level ("DEFAULT", "AVX2", "AVX512", ...)."""
+    capability = torch.backends.cpu.get_cpu_capability().upper()
+    flags = set()
+    if capability.startswith(("AVX2", "AVX512")):
+        flags.add("avx2")
+    if capability.startswith("AVX512"):
+        flags.add("avx512f")
+    return flags
+
+
+@dataclass
+class Prepared:
+    """A model ready for the tagger, and what was actually chosen."""
+
+    module: nn.Module  # called on a float (N, 3, crop, crop) batch, returns (N, 1000) logits
+    precision: str  # effective: "fp32", "bf16" or "int8"
+    runtime: str  # effective: "torch" or "onnxruntime"
+    reason: str  # one line: why this precision/runtime (shown in logs and by `phototag bench`)
+    requested: str = ""
+    agreement: float | None = None  # top-1 agreement with fp32 measured by auto, if it was
+    details: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- modules
+
+
+class ChannelsLast(nn.Module):
+    """fp32 torch with channels-last weights and input (oneDNN's faster layout on x86)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model.to(memory_format=torch.channels_last)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model(batch.contiguous(memory_format=torch.channels_last))
+
+
+class Bf16Autocast(nn.Module):
+    """torch autocast to bfloat16 (channels-last); logits come back as float32."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model.to(memory_format=torch.channels_last)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = self.model(batch.contiguous(memory_format=torch.channels_last))
+        return logits.float()
+
+
+class Int8WithRecheck(nn.Module):
+    """int8 logits, with close calls (top-1 leads top-2 by < ``margin``) recomputed in fp32."""
+
+    def __init__(self, int8: nn.Module, fp32: nn.Module, margin: float = RECHECK_MARGIN) -> None:
+        super().__init__()
+        self.int8 = int8
+        self.fp32 = fp32
+        self.margin = margin
+        self.images = 0  # counters for `phototag bench`
+        self.rechecked = 0
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        logits = self.int8(batch)
+        top2 = logits.softmax(dim=1).topk(min(2, logits.shape[1]), dim=1).values
+        close = (top2[:, 0] - top2[:, -1]) < self.margin if top2.shape[1] > 1 else top2[:, 0] < 0
+        self.images += len(batch)
+        if bool(close.any()):
+            logits = logits.clone()
+            logits[close] = self.fp32(batch[close]).to(logits.dtype)
+            self.rechecked += int(close.sum())
+        return logits
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """sha256 (16 hex digits) of the model's parameters and buffers: names, dtypes, shapes, bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class _Cache:
+    folder: Path
+    stem: str  # "<model>-<fingerprint>-r<RECIPE>"
+
+    def path(self, suffix: str) -> Path:
+        return self.folder / f"{self.stem}-{suffix}"
+
+    def read_json(self, suffix: str) -> dict | None:
+        try:
+            return json.loads(self.path(suffix).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def write_json(self, suffix: str, data: dict) -> None:
+        path = self.path(suffix)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(temp, path)
+
+
+# --------------------------------------------------------------------------- preparing
+
+
+def load_calibration(backbone: Backbone, paths: Iterable[str | os.PathLike],
+                     limit: int | None = None) -> torch.Tensor:
+    """Photos -> a normalised float batch, preprocessed exactly as the tagger does; bad files skipped."""
+    from tagger.preprocess import ImageError, load_image, normalize, resize_crop, to_uint8_tensor
+
+    pixels = []
+    for path in paths:
+        if limit is not None and len(pixels) >= limit:
+            break
+        try:
+            image, _ = load_image(path, backbone.resize)
+            pixels.append(to_uint8_tensor(resize_crop(image, backbone)))
+        except ImageError as e:
+            log.debug("calibration: skipping %s: %s", path, e)
+    if not pixels:
+        return torch.empty(0, 3, backbone.crop, backbone.crop)
+    return normalize(torch.stack(pixels), backbone)
+
+
+def prepare_model(backbone: Backbone, module: nn.Module, precision: str = "fp32", *,
+                  runtime: str = "torch", cache_dir: str | os.PathLike,
+                  calibration: Iterable[str | os.PathLike] | torch.Tensor = (),
+                  features: CpuFeatures | None = None) -> Prepared:
+    """``module`` (float32, weights loaded) prepared at ``precision`` on ``runtime``.
+
+    ``calibration``: the user's photos (paths, or an already preprocessed batch) to calibrate int8
+    and, for "auto", to measure agreement on; needed only when nothing is cached yet.
+    ``features``: the CPU's (default: detected). Never raises for an unsupported combination:
+    it falls back to fp32 (or to the torch runtime) and says why in ``reason``.
+    The module's weights are converted to channels-last in place.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    features = features or CpuFeatures.detect()
+    module.eval()
+    cache = _Cache(Path(cache_dir) / "prepared",
+                   f"{backbone.name}-{weights_fingerprint(module)}-r{RECIPE}")
+    context = _Context(backbone, module, cache, features, calibration)
+    notes = []
+    if runtime == "onnxruntime" and (missing := _onnx_missing()):
+        notes.append(f"runtime torch instead of onnxruntime: {missing}")
+        runtime = "torch"
+    if precision == "auto":
+        prepared = _auto(context, runtime)
+    else:
+        prepared = _explicit(context, precision, runtime)
+    prepared.requested = precision
+    if notes:
+        prepared.reason = "; ".join([*notes, prepared.reason])
+    log.info("%s: %s on %s: %s", backbone.name, prepared.precision, prepared.runtime, prepared.reason)
+    return prepared
+
+
+@dataclass
+class _Context:
+    backbone: Backbone
+    module: nn.Module
+    cache: _Cache
+    features: CpuFeatures
+    calibration_source: Iterable[str | os.PathLike] | torch.Tensor
+    _images: torch.Tensor | None = None
+
+    def calibration(self) -> torch.Tensor:
+        """The calibration photos, loaded once (at most the number any step uses)."""
+        if self._images is None:
+            source = self.calibration_source
+            if isinstance(source, torch.Tensor):
+                self._images = source[:MAX_CALIBRATION + MAX_EVALUATION]
+            else:
+                self._images = load_calibration(self.backbone, source,
+                                                limit=MAX_CALIBRATION + MAX_EVALUATION)
+        return self._images
+
+
+def _onnx_missing() -> str | None:
+    from tagger.onnx_runtime import ONNX_EXTRA, missing_packages
+
+    missing = missing_packages()
+    return f"{' and '.join(missing)} not installed ({ONNX_EXTRA})" if missing else None
+
+
+def _explicit(ctx: _Context, precision: str, runtime: str) -> Prepared:
+    if precision == "fp32":
+        return Prepared(_fp32(ctx, runtime), "fp32", runtime, "fp32 as configured")
+    if precision == "bf16":
+        why_not = ctx.features.bf16_unsupported()
+        if why_not:
+            return Prepared(_fp32(ctx, runtime), "fp32", runtime, f"fp32 instead of bf16: {why_not}")
+        note = "" if runtime == "torch" else " (bf16 runs in torch: ONNX Runtime's CPU provider has no bf16 kernels)"
+        return Prepared(Bf16Autocast(ctx.module), "bf16", "torch", "bf16 as configured" + note)
+    # int8
+    why_not = ctx.features.int8_unsupported() or _onnx_missing()
+    if why_not:
+        return Prepared(_fp32(ctx, runtime), "fp32", runtime, f"fp32 instead of int8: {why_not}")
+    int8 = _int8(ctx)
+    if int8 is None:
+        have = len(ctx.calibration())
+        return Prepared(_fp32(ctx, runtime), "fp32", runtime,
+                        f"fp32 instead of int8: calibrating int8 needs at least {MIN_CALIBRATION} "
+                        f"readable photos, got {have}")
+    note = "" if runtime == "onnxruntime" else " (int8 runs in ONNX Runtime)"
+    return Prepared(int8, "int8", "onnxruntime", "int8 as configured" + note)
+
+
+def _fp32(ctx: _Context, runtime: str) -> nn.Module:
+    if runtime == "onnxruntime":
+        from tagger.onnx_runtime import OrtModule
+
+        return OrtModule(_fp32_onnx(ctx))
+    return ChannelsLast(ctx.module)
+
+
+def _fp32_onnx(ctx: _Context) -> Path:
+    from tagger.onnx_runtime import export_onnx
+
+    path = ctx.cache.path("fp32.onnx")
+    if not path.is_file():
+        log.info("exporting %s to %s", ctx.backbone.name, path)
+        export_onnx(ctx.module, ctx.backbone.crop, path)
+    return path
+
+
+def _int8_onnx(ctx: _Context, images: torch.Tensor | None = None) -> Path | None:
+    """The cached int8 model, quantized now (on ``images`` or the calibration photos) if missing."""
+    from tagger.onnx_runtime import quantize_int8
+
+    reduce_range = not ctx.features.vnni
+    suffix = f"int8-{'rr' if reduce_range else 'full'}"
+    path = ctx.cache.path(f"{suffix}.onnx")
+    if path.is_file():
+        return path
+    images = ctx.calibration()[:MAX_CALIBRATION] if images is None else images
+    if len(images) < MIN_CALIBRATION:
+        return None
+    float_nodes = FLOAT_NODES.get(ctx.backbone.name, FLOAT_NODES_DEFAULT)
+    log.info("quantizing %s to int8 on %d photos (takes a minute, once)", ctx.backbone.name, len(images))
+    quantize_int8(_fp32_onnx(ctx), path, images, float_nodes=float_nodes, reduce_range=reduce_range)
+    ctx.cache.write_json(f"{suffix}.json", {
+        "calibration_images": len(images), "float_nodes": float_nodes, "reduce_range": reduce_range,
+        "recheck_margin": RECHECK_MARGIN, "onnxruntime": _ort_version(),
+    })
+    return path
+
+
+def _int8(ctx: _Context, images: torch.Tensor | None = None) -> nn.Module | None:
+    from tagger.onnx_runtime import OrtModule
+
+    path = _int8_onnx(ctx, images)
+    if path is None:
+        return None
+    return Int8WithRecheck(OrtModule(path), OrtModule(_fp32_onnx(ctx)))
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def _auto(ctx: _Context, runtime: str) -> Prepared:
+    """Pick the fastest supported precision with >= 98% top-1 agreement with fp32 (cached)."""
+    candidates = ["fp32"]
+    skipped = []
+    for precision, why_not in (("int8", ctx.features.int8_unsupported() or _onnx_missing()),
+                               ("bf16", ctx.features.bf16_unsupported())):
+        if why_not:
+            skipped.append(f"no {precision}: {why_not}")
+        else:
+            candidates.append(precision)
+    if len(candidates) == 1:
+        return Prepared(_fp32(ctx, runtime), "fp32", runtime, "auto chose fp32: " + "; ".join(skipped))
+
+    decision_suffix = f"auto-{runtime}-{ctx.features.key()}.json"
+    decision = ctx.cache.read_json(decision_suffix)
+    if decision and decision.get("precision") in candidates:
+        prepared = _build(ctx, decision["precision"], runtime)
+        if prepared is not None:
+            prepared.reason = decision["reason"] + " (decided earlier; cached)"
+            prepared.agreement = decision.get("agreement", {}).get(decision["precision"])
+            return prepared
+
+    images = ctx.calibration()
+    held_out = len(images) // 2 if len(images) <= 2 * MAX_CALIBRATION else len(images) - MAX_CALIBRATION
+    calibrate, evaluate = images[:len(images) - held_out], images[len(images) - held_out:]
+    if len(calibrate) < MIN_CALIBRATION or len(evaluate) < MIN_CALIBRATION:
+        return Prepared(_fp32(ctx, runtime), "fp32", runtime,
+                        f"auto chose fp32: measuring agreement needs at least {2 * MIN_CALIBRATION} "
+                        f"readable calibration photos, got {len(images)}")
+
+    reference = _top1(ctx.module, evaluate)
+    agreement: dict[str, float] = {}
+    speed: dict[str, float] = {}
+    modules: dict[str, nn.Module] = {}
+    for precision in candidates:
+        module = _build_module(ctx, precision, runtime, calibrate)
+        modules[precision] = module
+        agreement[precision] = float((_top1(module, evaluate) == reference).float().mean())
+        speed[precision] = _ms_per_image(module, evaluate[:16])
+    good = [p for p in candidates
+            if p == "fp32" or (agreement[p] >= AGREEMENT_THRESHOLD and speed["fp32"] / speed[p] >= MIN_SPEEDUP)]
+    chosen = min(good, key=lambda p: speed[p])
+    figures = ", ".join(f"{p} {speed[p]:.1f} ms/image, {agreement[p]:.0%} agreement" for p in candidates)
+    reason = (f"auto chose {chosen}, the fastest with >= {AGREEMENT_THRESHOLD:.0%} top-1 agreement "
+              f"with fp32 on {len(evaluate)} held-out photos and >= {MIN_SPEEDUP}x its speed ({figures})")
+    if skipped:
+        reason += "; " + "; ".join(skipped)
+    ctx.cache.write_json(decision_suffix, {
+        "precision": chosen, "reason": reason, "agreement": agreement, "ms_per_image": speed,
+        "evaluated_images": len(evaluate), "calibration_images": len(calibrate),
+        "cpu": {"arch": ctx.features.arch, "flags": sorted(ctx.features.flags)},
+    })
+    effective_runtime = "onnxruntime" if chosen == "int8" else ("torch" if chosen == "bf16" else runtime)
+    return Prepared(modules[chosen], chosen, effective_runtime, reason,
+                    agreement=agreement[chosen], details={"agreement": agreement, "ms_per_image": speed})
+
+
+def _build_module(ctx: _Context, precision: str, runtime: str, calibrate: torch.Tensor) -> nn.Module:
+    if precision == "int8":
+        module = _int8(ctx, calibrate)
+        assert module is not None  # enough photos was checked by the caller
+        return module
+    if precision == "bf16":
+        return Bf16Autocast(ctx.module)
+    return _fp32(ctx, runtime)
+
+
+def _build(ctx: _Context, precision: str, runtime: str) -> Prepared | None:
+    """A cached decision's precision; None if its int8 model is gone (then decide again)."""
+    if precision == "int8":
+        from tagger.onnx_runtime import OrtModule
+
+        path = _int8_onnx(ctx, images=torch.empty(0))
+        if path is None:
+            return None
+        return Prepared(Int8WithRecheck(OrtModule(path), OrtModule(_fp32_onnx(ctx))), "int8",
+                        "onnxruntime", "")
+    if precision == "bf16":
+        return Prepared(Bf16Autocast(ctx.module), "bf16", "torch", "")
+    return Prepared(_fp32(ctx, runtime), "fp32", runtime, "")
+
+
+def _top1(module: nn.Module, images: torch.Tensor, batch: int = 8) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.cat([module(images[i:i + batch]).argmax(dim=1) for i in range(0, len(images), batch)])
+
+
+def _ms_per_image(module: nn.Module, batch: torch.Tensor, runs: int = 5) -> float:
+    """Milliseconds per image of ``module`` on ``batch``: the fastest of ``runs`` runs after a
+    warm-up (the minimum is the figure least disturbed by other processes)."""
+    times = []
+    with torch.inference_mode():
+        module(batch)
+        for _ in range(runs):
+            start = time.perf_counter()
+            module(batch)
+            times.append(time.perf_counter() - start)
+    return min(times) / len(batch) * 1000
