@@ -266,12 +266,14 @@ def load_calibration(backbone: Backbone, paths: Iterable[str | os.PathLike],
 def prepare_model(backbone: Backbone, module: nn.Module, precision: str = "fp32", *,
                   runtime: str = "torch", cache_dir: str | os.PathLike,
                   calibration: Iterable[str | os.PathLike] | torch.Tensor = (),
-                  features: CpuFeatures | None = None) -> Prepared:
+                  features: CpuFeatures | None = None,
+                  recheck_margin: float = RECHECK_MARGIN) -> Prepared:
     """``module`` (float32, weights loaded) prepared at ``precision`` on ``runtime``.
 
     ``calibration``: the user's photos (paths, or an already preprocessed batch) to calibrate int8
     and, for "auto", to measure agreement on; needed only when nothing is cached yet.
-    ``features``: the CPU's (default: detected). Never raises for an unsupported combination:
+    ``features``: the CPU's (default: detected). ``recheck_margin``: int8's close-call margin
+    (0 turns the fp32 re-check off; benchmarks with random weights need that). Never raises for an unsupported combination:
     it falls back to fp32 (or to the torch runtime) and says why in ``reason``.
     The module's weights are converted to channels-last in place.
     """
@@ -283,7 +285,7 @@ def prepare_model(backbone: Backbone, module: nn.Module, precision: str = "fp32"
     module.eval()
     cache = _Cache(Path(cache_dir) / "prepared",
                    f"{backbone.name}-{weights_fingerprint(module)}-r{RECIPE}")
-    context = _Context(backbone, module, cache, features, calibration)
+    context = _Context(backbone, module, cache, features, calibration, recheck_margin)
     notes = []
     if runtime == "onnxruntime" and (missing := _onnx_missing()):
         notes.append(f"runtime torch instead of onnxruntime: {missing}")
@@ -306,6 +308,7 @@ class _Context:
     cache: _Cache
     features: CpuFeatures
     calibration_source: Iterable[str | os.PathLike] | torch.Tensor
+    recheck_margin: float = RECHECK_MARGIN
     _images: torch.Tensor | None = None
 
     def calibration(self) -> torch.Tensor:
@@ -396,7 +399,7 @@ def _int8(ctx: _Context, images: torch.Tensor | None = None) -> nn.Module | None
     path = _int8_onnx(ctx, images)
     if path is None:
         return None
-    return Int8WithRecheck(OrtModule(path), OrtModule(_fp32_onnx(ctx)))
+    return Int8WithRecheck(OrtModule(path), OrtModule(_fp32_onnx(ctx)), ctx.recheck_margin)
 
 
 def _ort_version() -> str:
@@ -480,8 +483,8 @@ def _build(ctx: _Context, precision: str, runtime: str) -> Prepared | None:
         path = _int8_onnx(ctx, images=torch.empty(0))
         if path is None:
             return None
-        return Prepared(Int8WithRecheck(OrtModule(path), OrtModule(_fp32_onnx(ctx))), "int8",
-                        "onnxruntime", "")
+        return Prepared(Int8WithRecheck(OrtModule(path), OrtModule(_fp32_onnx(ctx)), ctx.recheck_margin),
+                        "int8", "onnxruntime", "")
     if precision == "bf16":
         return Prepared(Bf16Autocast(ctx.module), "bf16", "torch", "")
     return Prepared(_fp32(ctx, runtime), "fp32", runtime, "")
