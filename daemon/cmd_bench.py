@@ -311,7 +311,7 @@ def _measure(spec: dict) -> dict:
     margin = 0.0 if random_weights else RECHECK_MARGIN
     prepared = prepare_model(backbone, model, spec["precision"], runtime=spec["runtime"],
                              cache_dir=spec["prepared_dir"], calibration=spec["calibration"],
-                             recheck_margin=margin)
+                             recheck_margin=margin, threads=spec["threads"])
     prepare_s = time.perf_counter() - start
     if spec.get("prepare_only"):
         return row | {"precision": prepared.precision, "runtime": prepared.runtime,

@@ -267,13 +267,15 @@ def prepare_model(backbone: Backbone, module: nn.Module, precision: str = "fp32"
                   runtime: str = "torch", cache_dir: str | os.PathLike,
                   calibration: Iterable[str | os.PathLike] | torch.Tensor = (),
                   features: CpuFeatures | None = None,
-                  recheck_margin: float = RECHECK_MARGIN) -> Prepared:
+                  recheck_margin: float = RECHECK_MARGIN, threads: int = 0) -> Prepared:
     """``module`` (float32, weights loaded) prepared at ``precision`` on ``runtime``.
 
     ``calibration``: the user's photos (paths, or an already preprocessed batch) to calibrate int8
     and, for "auto", to measure agreement on; needed only when nothing is cached yet.
     ``features``: the CPU's (default: detected). ``recheck_margin``: int8's close-call margin
-    (0 turns the fp32 re-check off; benchmarks with random weights need that). Never raises for an unsupported combination:
+    (0 turns the fp32 re-check off; benchmarks with random weights need that). ``threads``: the
+    inference threads the tagger will use (0: the engine's default for this machine); auto times
+    the candidates with that many, as int8's gain depends on it. Never raises for an unsupported combination:
     it falls back to fp32 (or to the torch runtime) and says why in ``reason``.
     The module's weights are converted to channels-last in place.
     """
@@ -285,7 +287,11 @@ def prepare_model(backbone: Backbone, module: nn.Module, precision: str = "fp32"
     module.eval()
     cache = _Cache(Path(cache_dir) / "prepared",
                    f"{backbone.name}-{weights_fingerprint(module)}-r{RECIPE}")
-    context = _Context(backbone, module, cache, features, calibration, recheck_margin)
+    if not threads:
+        from tagger.engine import cpu_count, default_threads
+
+        threads = default_threads(cpu_count())[0]
+    context = _Context(backbone, module, cache, features, calibration, recheck_margin, threads)
     notes = []
     if runtime == "onnxruntime" and (missing := _onnx_missing()):
         notes.append(f"runtime torch instead of onnxruntime: {missing}")
@@ -309,6 +315,7 @@ class _Context:
     features: CpuFeatures
     calibration_source: Iterable[str | os.PathLike] | torch.Tensor
     recheck_margin: float = RECHECK_MARGIN
+    threads: int = 1
     _images: torch.Tensor | None = None
 
     def calibration(self) -> torch.Tensor:
@@ -421,7 +428,7 @@ def _auto(ctx: _Context, runtime: str) -> Prepared:
     if len(candidates) == 1:
         return Prepared(_fp32(ctx, runtime), "fp32", runtime, "auto chose fp32: " + "; ".join(skipped))
 
-    decision_suffix = f"auto-{runtime}-{ctx.features.key()}.json"
+    decision_suffix = f"auto-{runtime}-{ctx.features.key()}-t{ctx.threads}.json"
     decision = ctx.cache.read_json(decision_suffix)
     if decision and decision.get("precision") in candidates:
         prepared = _build(ctx, decision["precision"], runtime)
@@ -438,6 +445,16 @@ def _auto(ctx: _Context, runtime: str) -> Prepared:
                         f"auto chose fp32: measuring agreement needs at least {2 * MIN_CALIBRATION} "
                         f"readable calibration photos, got {len(images)}")
 
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(ctx.threads)  # ONNX Runtime sessions created now take it too
+    try:
+        return _decide(ctx, runtime, candidates, skipped, calibrate, evaluate, decision_suffix)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _decide(ctx: _Context, runtime: str, candidates: list[str], skipped: list[str],
+            calibrate: torch.Tensor, evaluate: torch.Tensor, decision_suffix: str) -> Prepared:
     reference = _top1(ctx.module, evaluate)
     agreement: dict[str, float] = {}
     speed: dict[str, float] = {}
@@ -452,12 +469,13 @@ def _auto(ctx: _Context, runtime: str) -> Prepared:
     chosen = min(good, key=lambda p: speed[p])
     figures = ", ".join(f"{p} {speed[p]:.1f} ms/image, {agreement[p]:.0%} agreement" for p in candidates)
     reason = (f"auto chose {chosen}, the fastest with >= {AGREEMENT_THRESHOLD:.0%} top-1 agreement "
-              f"with fp32 on {len(evaluate)} held-out photos and >= {MIN_SPEEDUP}x its speed ({figures})")
+              f"with fp32 on {len(evaluate)} held-out photos and >= {MIN_SPEEDUP}x its speed on "
+              f"{ctx.threads} thread{'s' if ctx.threads > 1 else ''} ({figures})")
     if skipped:
         reason += "; " + "; ".join(skipped)
     ctx.cache.write_json(decision_suffix, {
         "precision": chosen, "reason": reason, "agreement": agreement, "ms_per_image": speed,
-        "evaluated_images": len(evaluate), "calibration_images": len(calibrate),
+        "evaluated_images": len(evaluate), "calibration_images": len(calibrate), "threads": ctx.threads,
         "cpu": {"arch": ctx.features.arch, "flags": sorted(ctx.features.flags)},
     })
     effective_runtime = "onnxruntime" if chosen == "int8" else ("torch" if chosen == "bf16" else runtime)
