@@ -42,7 +42,9 @@ def classify(app: App, files: tuple[Path, ...], top: int, as_json: bool, lang: s
     try:
         tagger = open_tagger(name, weights_file=weights, cache_dir=cache_dir(config),
                              labels_file=config.labels.file, batch_size=config.model.batch_size,
-                             threads=config.model.threads, decode_threads=config.model.decode_threads)
+                             threads=config.model.threads, decode_threads=config.model.decode_threads,
+                             precision=config.model.precision, runtime=config.model.runtime,
+                             calibration=files)
     except UnknownModelError as e:
         fail(str(e), EX_USAGE if model_name else EX_CONFIG)
     except (ModelError, LabelMapError) as e:  # missing or bad weights, missing package, bad mapping

@@ -102,6 +102,9 @@ def photo_filter(config: Config) -> PhotoFilter:
     return PhotoFilter(config.scan.exclude, config.scan.extensions)
 
 
+CALIBRATION_SAMPLE = 64  # photos that int8 / "auto" are prepared on (see tagger.precision)
+
+
 class LazyTagger:
     """The configured tagger, checked up front and loaded on first use.
 
@@ -127,6 +130,8 @@ class LazyTagger:
             batch_size=config.model.batch_size,
             threads=config.model.threads,
             decode_threads=config.model.decode_threads,
+            precision=config.model.precision,
+            runtime=config.model.runtime,
         )
         backbone = get_backbone(name)
         weights_path(backbone, weights_file=self._options["weights_file"],
@@ -137,18 +142,21 @@ class LazyTagger:
         self.batch_size: int = max(1, config.model.batch_size)
         self._tagger: Tagger | None = None
 
-    def load(self) -> Tagger:
+    def load(self, calibration: Iterable[str | os.PathLike] = ()) -> Tagger:
+        """The tagger; ``calibration`` photos prepare int8/"auto" the first time (then cached)."""
         if self._tagger is None:
             from tagger.engine import open_tagger
 
-            self._tagger = open_tagger(self.model_name, **self._options)
+            self._tagger = open_tagger(self.model_name, calibration=calibration, **self._options)
         return self._tagger
 
     def tag_files(self, paths: Iterable[str | os.PathLike]) -> Iterator[ImageResult]:
-        """Like ``Tagger.tag_files``; loads the model only once there is a first file to tag."""
+        """Like ``Tagger.tag_files``; loads the model only once there is a first file to tag,
+        with the first files as the calibration sample of the user's own photos."""
         paths = iter(paths)
-        for first in paths:
-            yield from self.load().tag_files(itertools.chain([first], paths))
+        head = list(itertools.islice(paths, CALIBRATION_SAMPLE))
+        if head:
+            yield from self.load(head).tag_files(itertools.chain(head, paths))
 
 
 def sync_labels(engine: Engine, tagger: TaggerLike) -> None:

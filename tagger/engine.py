@@ -83,6 +83,8 @@ class Tagger:
         self.decode_threads = decode_threads or default_decode
         self.model_name: str = backbone.name
         self.mapping_version: str = labels.version
+        self.precision = "fp32"  # what open_tagger prepared the model at
+        self.runtime = "torch"
         self.stats = StageTimes()
 
     def tag_files(self, paths: Iterable[str | os.PathLike], top: int = 5) -> Iterator[ImageResult]:
@@ -173,15 +175,26 @@ class Tagger:
 
 def open_tagger(name: str = "resnet18", *, weights_file: str | os.PathLike | None = None,
                 cache_dir: str | os.PathLike, labels_file: str | os.PathLike | None = None,
-                batch_size: int = 16, threads: int = 0, decode_threads: int = 0) -> Tagger:
-    """Load backbone ``name`` (weights from ``weights_file`` or ``cache_dir``) and the label map.
+                batch_size: int = 16, threads: int = 0, decode_threads: int = 0,
+                precision: str = "fp32", runtime: str = "torch",
+                calibration: Iterable[str | os.PathLike] = ()) -> Tagger:
+    """Load backbone ``name`` (weights from ``weights_file`` or ``cache_dir``) and the label map,
+    prepared at ``precision`` on ``runtime`` (see ``tagger.precision``).
 
-    Raises ``tagger.weights.WeightsError`` (``MissingWeightsError`` if there are no weights).
+    ``calibration``: a sample of the user's photos, needed to prepare int8 or decide "auto" the
+    first time (the result is cached in ``cache_dir``); without it those fall back to fp32 and say
+    why in the log. Raises ``tagger.weights.WeightsError`` (``MissingWeightsError`` if there are
+    no weights).
     """
     from tagger.labels import load_label_map
+    from tagger.precision import prepare_model
     from tagger.weights import load_model
 
     backbone, model = load_model(name, weights_file=weights_file, cache_dir=cache_dir)
     labels = load_label_map(labels_file)
-    return Tagger(backbone, model, labels, batch_size=batch_size, threads=threads,
-                  decode_threads=decode_threads)
+    prepared = prepare_model(backbone, model, precision, runtime=runtime, cache_dir=cache_dir,
+                             calibration=calibration, threads=threads)
+    tagger = Tagger(backbone, prepared.module, labels, batch_size=batch_size, threads=threads,
+                    decode_threads=decode_threads)
+    tagger.precision, tagger.runtime = prepared.precision, prepared.runtime
+    return tagger

