@@ -73,7 +73,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "Watch the albums and tag new photos as they arrive (runs in the foreground)."),
     "write-tags": ("daemon.cmd_write_tags:write_tags",
                    "Write phototag's tags as keywords of every tagged photo (or those under PATH)."),
-    "bench": ("daemon.cmd_bench:bench", "Measure tagging speed and memory on this machine."),
+    "bench": ("daemon.cmd_bench:bench",
+              "Time every model x precision x runtime on FOLDER's photos (default: generated 12 MP JPEGs)."),
     "model": ("daemon.cmd_model:model", "Download, import and list model weights."),
     "db": ("daemon.cmd_db:db", "Database maintenance."),
 }
