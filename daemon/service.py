@@ -398,7 +398,10 @@ class Daemon:
         from daemon import keyword_sync
 
         assert self.engine is not None
-        summary = keyword_sync.write_due(self.engine, self.config.metadata, warn=log.warning)
+        # The mapping's broader-tag order, as `phototag write-tags` uses: both write the same paths.
+        broader = keyword_sync.broader_order(self.tagger.labels.all_tags())
+        summary = keyword_sync.write_due(self.engine, self.config.metadata, broader=broader,
+                                         warn=log.warning)
         if summary.written or summary.failed:
             log.info("keywords (%s): %s", self.config.metadata.write, summary.line())
 
