@@ -27,10 +27,10 @@ from pathlib import Path
 
 from sqlalchemy import func, insert, select
 
-from storage.db import read_session
+from storage.db import read_connection
 from storage.migrate import open_for_write
-from storage.models import AlbumRoot, Photo, PhotoTag, Tag, TagParent
 from storage.query import parse_query, parse_sort, search
+from storage.schema import album_root, photo, photo_tag, tag, tag_parent
 
 TAGS_PER_PHOTO = 5
 QUERIES = {
@@ -102,9 +102,9 @@ def fill(url: str, photos: int, seed: int = 1) -> None:
     span = (now - start).total_seconds()
     t0 = time.perf_counter()
     with engine.begin() as conn:
-        conn.execute(insert(AlbumRoot), [{"id": 1, "path": "/srv/photos", "added_at": now}])
-        conn.execute(insert(Tag), tags)
-        conn.execute(insert(TagParent), edges)
+        conn.execute(insert(album_root), [{"id": 1, "path": "/srv/photos", "added_at": now}])
+        conn.execute(insert(tag), tags)
+        conn.execute(insert(tag_parent), edges)
         tag_ids = [t["id"] for t in tags]
         batch = 20_000
         for first in range(1, photos + 1, batch):
@@ -127,8 +127,8 @@ def fill(url: str, photos: int, seed: int = 1) -> None:
                 for tag_id in chosen:
                     tag_rows.append({"photo_id": pid, "tag_id": tag_id, "source": "model",
                                      "score": round(rng.random(), 4)})
-            conn.execute(insert(Photo), photo_rows)
-            conn.execute(insert(PhotoTag), tag_rows)
+            conn.execute(insert(photo), photo_rows)
+            conn.execute(insert(photo_tag), tag_rows)
     with engine.connect() as conn:
         conn.exec_driver_sql("ANALYZE")
     engine.dispose()
@@ -159,9 +159,9 @@ def bench_queries(url: str, runs: int) -> list[tuple[str, float, float, float, i
         count = 0
         for i in range(runs + 2):
             t0, c0 = time.perf_counter(), time.process_time()
-            with read_session(engine) as session:
+            with read_connection(engine) as connection:
                 query = parse_query(terms)
-                hits = search(session, query, sort=[] if query.sort else path_sort, limit=limit,
+                hits = search(connection, query, sort=[] if query.sort else path_sort, limit=limit,
                               details=False)  # what `phototag search` does for its path list
             if i >= 2:  # the first two runs warm the page cache and the connection pool
                 wall.append((time.perf_counter() - t0) * 1000)
@@ -213,7 +213,7 @@ def import_times(url: str) -> list[tuple[str, float]]:
     err = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True,
                          text=True, check=True).stderr
     wanted = ("click", "sqlalchemy", "sqlalchemy.orm", "alembic", "storage.models",
-              "storage.migrate", "storage.query", "daemon.config", "daemon.cmd_search")
+              "storage.schema", "storage.migrate", "storage.query", "daemon.config", "daemon.cmd_search")
     found = {}
     for line in err.splitlines():
         m = re.match(r"import time:\s+\d+ \|\s+(\d+) \|\s*(\S+)", line)
@@ -248,7 +248,7 @@ def main() -> None:
 
         engine = make_engine(url)
         with engine.connect() as conn:
-            existing = conn.execute(select(func.count()).select_from(Photo)).scalar()
+            existing = conn.execute(select(func.count()).select_from(photo)).scalar()
         engine.dispose()
     if existing != args.photos:
         if args.db.exists():

@@ -7,12 +7,13 @@ commands (search, tags, show, status) start fast and never load torch.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import sys
-from typing import NoReturn
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import NoReturn
 
 import click
 
@@ -80,6 +81,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# Short-lived commands that only read the database. Python's cyclic garbage collector is pure cost
+# for them: it runs again and again while SQLAlchemy's import builds its many thousand objects,
+# and once more over all of them at exit. Without it they start ~0.1 s faster; their memory is
+# still freed by reference counting.
+READ_ONLY_COMMANDS = frozenset({"search", "tags", "show", "status"})
+
+
 class LazyGroup(click.Group):
     """A group that imports a command's module only when that command is run."""
 
@@ -122,6 +130,9 @@ def main(ctx: click.Context, config_path: str | None, db_override: str | None, v
     if verbose:
         logging.getLogger("alembic").setLevel(logging.INFO)
     ctx.obj = App(config_path=config_path, db_override=db_override, verbose=verbose)
+    if ctx.invoked_subcommand in READ_ONLY_COMMANDS:
+        gc.disable()
+        ctx.call_on_close(gc.freeze)  # nothing left for the collector at interpreter exit
 
 
 pass_app = click.make_pass_decorator(App)

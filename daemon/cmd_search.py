@@ -24,7 +24,7 @@ import click
 from daemon.cli import EX_USAGE, App, fail, pass_app
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
+    from sqlalchemy import Connection
 
 # Fields of ``search --format``; documented in the README and the --help text.
 FORMAT_FIELDS = {
@@ -42,9 +42,10 @@ FORMAT_FIELDS = {
 
 
 @contextmanager
-def _session(app: App) -> Iterator[Session]:
-    """A read session on the existing database; a missing/too-new/corrupt one exits 1."""
-    from storage.db import DatabaseError, read_session
+def _connection(app: App) -> Iterator[Connection]:
+    """A read transaction on the existing database, SQLAlchemy Core only (the ORM's import would
+    be a sixth of the start-up); a missing/too-new/corrupt database exits 1."""
+    from storage.db import DatabaseError, read_connection
     from storage.migrate import open_for_read
 
     try:
@@ -52,8 +53,8 @@ def _session(app: App) -> Iterator[Session]:
     except DatabaseError as e:
         fail(str(e), 1)
     try:
-        with read_session(engine) as session:
-            yield session
+        with read_connection(engine) as connection:
+            yield connection
     except DatabaseError as e:
         fail(str(e), 1)
     finally:
@@ -186,9 +187,14 @@ def search(app: App, query: tuple[str, ...], as_json: bool, fmt: str | None, lim
 
     Unknown tag: exit 1 with suggestions. Malformed query: exit 2.
     """
-    from storage.query import QueryError, UnknownTagError, parse_query, parse_sort
+    from storage.query import (
+        QueryError,
+        UnknownTagError,
+        parse_query,
+        parse_sort,
+        tags_of,
+    )
     from storage.query import search as run_search
-    from storage.query import tags_of
 
     if as_json and (fmt or null):
         fail("--json cannot be combined with --format or -0", EX_USAGE)
@@ -202,14 +208,14 @@ def search(app: App, query: tuple[str, ...], as_json: bool, fmt: str | None, lim
         extra_sort = [parse_sort("path")]
     fields = _format_fields(_unescape(fmt)) if fmt else set()
 
-    with _session(app) as session:
+    with _connection(app) as connection:
         try:
-            hits = run_search(session, parsed, sort=extra_sort, limit=limit,
+            hits = run_search(connection, parsed, sort=extra_sort, limit=limit,
                               with_score=as_json or "score" in fields,
                               details=as_json or bool(fields & {"date", "taken_at", "status"}))
         except UnknownTagError as e:
             fail(str(e), 1)
-        tags = tags_of(session, [h.id for h in hits]) if as_json or "tags" in fields else {}
+        tags = tags_of(connection, [h.id for h in hits]) if as_json or "tags" in fields else {}
 
     out = _Output()
     with _quiet_broken_pipe():
@@ -258,24 +264,25 @@ def tags(app: App, show_all: bool, as_json: bool) -> None:
     """
     from sqlalchemy import func, select
 
-    from storage.models import PhotoTag, Tag, TagParent
+    from storage.schema import photo_tag, tag, tag_parent
 
-    with _session(app) as session:
+    with _connection(app) as connection:
         # count(DISTINCT photo_id) per tag cannot use an index and takes seconds on a big
         # library; rows per tag (an index-only scan) minus the rows that repeat a photo's tag
         # from a second source (model and user) is the same number, several times faster.
-        counts = dict(session.execute(
-            select(PhotoTag.tag_id, func.count()).group_by(PhotoTag.tag_id)).all())
-        repeats = (select(PhotoTag.tag_id, (func.count() - 1).label("extra"))
-                   .group_by(PhotoTag.photo_id, PhotoTag.tag_id)
+        counts = dict(connection.execute(
+            select(photo_tag.c.tag_id, func.count()).group_by(photo_tag.c.tag_id)).all())
+        repeats = (select(photo_tag.c.tag_id, (func.count() - 1).label("extra"))
+                   .group_by(photo_tag.c.photo_id, photo_tag.c.tag_id)
                    .having(func.count() > 1).subquery())
-        for tag_id, extra in session.execute(
+        for tag_id, extra in connection.execute(
                 select(repeats.c.tag_id, func.sum(repeats.c.extra)).group_by(repeats.c.tag_id)):
             counts[tag_id] -= extra
-        all_tags = session.execute(select(Tag.id, Tag.name, Tag.zh)).all()
+        all_tags = connection.execute(select(tag.c.id, tag.c.name, tag.c.zh)).all()
         names = {tag_id: name for tag_id, name, _ in all_tags}
         broader: dict[int, list[str]] = {}
-        for tag_id, parent_id in session.execute(select(TagParent.tag_id, TagParent.parent_id)):
+        edges = connection.execute(select(tag_parent.c.tag_id, tag_parent.c.parent_id))
+        for tag_id, parent_id in edges:
             broader.setdefault(tag_id, []).append(names[parent_id])
     rows = [(counts.get(tag_id, 0), name, zh, sorted(broader.get(tag_id, [])))
             for tag_id, name, zh in all_tags if show_all or counts.get(tag_id)]
@@ -296,7 +303,7 @@ def tags(app: App, show_all: bool, as_json: bool) -> None:
             out.write(line + "\n")
 
 
-def _find_photo(session: Session, file: str):
+def _find_photo(session, file: str):
     """The Photo for ``file`` and its absolute path, found the way the indexer files it (folder
     symlinks resolved, the innermost album root), then through the file's own symlink; or None."""
     from storage.library import absolute_path, locate, photo_at
@@ -318,13 +325,15 @@ def _find_photo(session: Session, file: str):
 @pass_app
 def show(app: App, file: str, as_json: bool) -> None:
     """Show one photo's tags and scores, status and the model that tagged it."""
+    from sqlalchemy.orm import Session
+
     from storage.query import tags_of
 
-    with _session(app) as session:
+    with _connection(app) as connection, Session(connection) as session:
         photo, path = _find_photo(session, file)
         if photo is None:
             fail(f"{file}: not in the index (run `phototag index` on its album folder)", 1)
-        tag_rows = tags_of(session, [photo.id])[photo.id]
+        tag_rows = tags_of(connection, [photo.id])[photo.id]
         info = {
             "path": path,
             "status": photo.status,
@@ -367,29 +376,31 @@ def status(app: App, as_json: bool) -> None:
 
     from storage.db import describe
     from storage.migrate import HEAD
-    from storage.models import ERROR, PENDING, STATUSES, AlbumRoot, Meta, Photo, Tag
+    from storage.schema import ERROR, PENDING, STATUSES, album_root, meta, photo, tag
 
-    with _session(app) as session:
+    with _connection(app) as connection:
         per_status = dict.fromkeys(STATUSES, 0)
-        per_status.update(session.execute(
-            select(Photo.status, func.count()).group_by(Photo.status)).all())
+        per_status.update(connection.execute(
+            select(photo.c.status, func.count()).group_by(photo.c.status)).all())
         now = datetime.now(UTC).replace(tzinfo=None)  # retry_at is stored as naive UTC
-        retry_due = session.execute(select(func.count()).select_from(Photo).where(
-            Photo.status == ERROR, Photo.retry_at.is_not(None), Photo.retry_at <= now)).scalar()
-        models = [{"model": m, "mapping_version": v, "photos": n} for m, v, n in session.execute(
-            select(Photo.model, Photo.mapping_version, func.count())
-            .where(Photo.model.is_not(None))
-            .group_by(Photo.model, Photo.mapping_version)
-            .order_by(func.count().desc()))]
-        roots = [{"path": p, "photos": n} for p, n in session.execute(
-            select(AlbumRoot.path, func.count(Photo.id))
-            .outerjoin(Photo, Photo.root_id == AlbumRoot.id)
-            .group_by(AlbumRoot.id, AlbumRoot.path).order_by(AlbumRoot.path))]
-        tag_count = session.execute(select(func.count()).select_from(Tag)).scalar()
-        meta = dict(session.execute(select(Meta.key, Meta.value).where(
-            Meta.key.in_(["last_nightly_run", "model", "mapping_version"]))).all())
-        last_nightly = meta.get("last_nightly_run")
-        where = describe(session.get_bind())
+        retry_due = connection.execute(select(func.count()).select_from(photo).where(
+            photo.c.status == ERROR, photo.c.retry_at.is_not(None),
+            photo.c.retry_at <= now)).scalar()
+        model_rows = connection.execute(
+            select(photo.c.model, photo.c.mapping_version, func.count())
+            .where(photo.c.model.is_not(None))
+            .group_by(photo.c.model, photo.c.mapping_version)
+            .order_by(func.count().desc()))
+        models = [{"model": m, "mapping_version": v, "photos": n} for m, v, n in model_rows]
+        roots = [{"path": p, "photos": n} for p, n in connection.execute(
+            select(album_root.c.path, func.count(photo.c.id))
+            .outerjoin(photo, photo.c.root_id == album_root.c.id)
+            .group_by(album_root.c.id, album_root.c.path).order_by(album_root.c.path))]
+        tag_count = connection.execute(select(func.count()).select_from(tag)).scalar()
+        facts = dict(connection.execute(select(meta.c.key, meta.c.value).where(
+            meta.c.key.in_(["last_nightly_run", "model", "mapping_version"]))).all())
+        last_nightly = facts.get("last_nightly_run")
+        where = describe(connection.engine)
     info = {
         "database": where,
         "schema": HEAD,
@@ -401,8 +412,8 @@ def status(app: App, as_json: bool) -> None:
         "albums": roots,
         "tags": tag_count,
         "models": models,
-        "library_model": meta.get("model"),  # what the last tagging run used
-        "library_mapping_version": meta.get("mapping_version"),
+        "library_model": facts.get("model"),  # what the last tagging run used
+        "library_mapping_version": facts.get("mapping_version"),
         "last_nightly_run": last_nightly,
     }
     out = _Output()
@@ -419,9 +430,9 @@ def status(app: App, as_json: bool) -> None:
         out.write(f"tags:             {tag_count}\n")
         for root in roots:
             out.write(f"album:            {root['path']} ({root['photos']} photos)\n")
-        if meta.get("model"):
-            out.write(f"last tagged with: {meta['model']} mapping "
-                      f"{meta.get('mapping_version')}\n")
+        if facts.get("model"):
+            out.write(f"last tagged with: {facts['model']} mapping "
+                      f"{facts.get('mapping_version')}\n")
         for m in models:
             out.write(f"model:            {m['model']} mapping {m['mapping_version']} "
                       f"({m['photos']} photos)\n")

@@ -15,13 +15,19 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy.exc
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import Session
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 BUSY_TIMEOUT_SECONDS = 30.0
+# SQLite reads the database through a memory map of up to this size instead of read() calls into
+# its small page cache: a search's first query in a fresh process runs about twice as fast.
+MMAP_BYTES = 256 * 2**20
 
 # Connection execution option that makes our begin hook emit BEGIN IMMEDIATE.
 _WRITE_OPTION = "phototag_write"
@@ -73,6 +79,7 @@ def _configure_sqlite(engine: Engine) -> None:
             cursor.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
             cursor.execute("PRAGMA foreign_keys = ON")
             cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
             # WAL is set once, in the file, by storage.migrate: a connection must not rewrite
             # the header of a file that may not even be ours.
         finally:
@@ -108,8 +115,21 @@ def write_options() -> dict:
 
 
 @contextmanager
+def read_connection(engine: Engine) -> Iterator[Connection]:
+    """A Core connection in one read transaction (a consistent snapshot); rolled back at the end.
+
+    What the read-only commands use: no ORM (importing it is a sixth of their start-up).
+    """
+    with _translate_errors(engine), engine.connect() as connection:
+        connection.begin()
+        yield connection  # leaving connect() rolls the read transaction back
+
+
+@contextmanager
 def read_session(engine: Engine) -> Iterator[Session]:
     """A session in one read transaction (a consistent snapshot); rolled back at the end."""
+    from sqlalchemy.orm import Session
+
     with _translate_errors(engine), Session(engine, expire_on_commit=False) as session:
         try:
             yield session
@@ -124,6 +144,8 @@ def write_session(engine: Engine) -> Iterator[Session]:
     On SQLite it starts with BEGIN IMMEDIATE, so it waits (up to the busy timeout) for another
     writer instead of failing. Keep it short: never run the model inside it.
     """
+    from sqlalchemy.orm import Session
+
     with _translate_errors(engine), Session(engine, expire_on_commit=False) as session:
         session.connection(execution_options=write_options())  # begins the transaction now
         try:

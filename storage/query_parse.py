@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from storage.models import STATUSES
+from storage.schema import STATUSES
 
 FIELDS = ("tag", "score", "path", "date", "status")
 SORT_FIELDS = ("score", "date", "path")

@@ -19,10 +19,18 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, Select, and_, false, func, not_, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Select,
+    and_,
+    false,
+    func,
+    not_,
+    or_,
+    select,
+)
 
-from storage.models import AlbumRoot, Photo, PhotoTag, Tag, TagParent
 from storage.query_parse import (
     DateTerm,
     PathTerm,
@@ -34,6 +42,7 @@ from storage.query_parse import (
     Term,
     parse_query,
 )
+from storage.schema import album_root, photo, photo_tag, tag, tag_parent
 
 
 class UnknownTagError(Exception):
@@ -63,15 +72,16 @@ class TagIndex:
     _by_name: dict[str, set[int]] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, session: Session) -> TagIndex:
+    def load(cls, connection: Connection) -> TagIndex:
         index = cls()
-        for tag_id, name, zh in session.execute(select(Tag.id, Tag.name, Tag.zh)):
+        for tag_id, name, zh in connection.execute(select(tag.c.id, tag.c.name, tag.c.zh)):
             index.names[tag_id] = name
             index._by_name.setdefault(name.casefold(), set()).add(tag_id)
             if zh:
                 index.zh[tag_id] = zh
                 index._by_name.setdefault(zh.casefold(), set()).add(tag_id)
-        for tag_id, parent_id in session.execute(select(TagParent.tag_id, TagParent.parent_id)):
+        edges = connection.execute(select(tag_parent.c.tag_id, tag_parent.c.parent_id))
+        for tag_id, parent_id in edges:
             index.children.setdefault(parent_id, set()).add(tag_id)
         return index
 
@@ -131,13 +141,13 @@ def build_select(query: Query, tags: TagIndex, *, roots: Sequence[tuple[int, str
     """
     sort = list(query.sort) + list(extra_sort)
     with_score = with_score or any(k.field == "score" for k in sort)
-    columns = [Photo.id, AlbumRoot.path, Photo.relpath]
+    columns = [photo.c.id, album_root.c.path, photo.c.relpath]
     if details:
-        columns += [Photo.taken_at, Photo.status]
+        columns += [photo.c.taken_at, photo.c.status]
     score = _score_expression(query, tags).label("score") if with_score else None
     if score is not None:
         columns.append(score)
-    stmt = select(*columns).join(AlbumRoot, Photo.root_id == AlbumRoot.id)
+    stmt = select(*columns).join(album_root, photo.c.root_id == album_root.c.id)
     path_order_scan = limit is not None and all(k.field == "path" for k in sort)
     if query.alternatives:
         stmt = stmt.where(or_(*(and_(*_alternative(alt, tags, roots, estimate, path_order_scan))
@@ -148,12 +158,12 @@ def build_select(query: Query, tags: TagIndex, *, roots: Sequence[tuple[int, str
             assert score is not None
             order.append((score.desc() if key.descending else score.asc()).nulls_last())
         elif key.field == "date":
-            order.append(Photo.taken_at.is_(None).asc())  # undated photos last either way
-            order.append(Photo.taken_at.desc() if key.descending else Photo.taken_at.asc())
+            order.append(photo.c.taken_at.is_(None).asc())  # undated photos last either way
+            order.append(photo.c.taken_at.desc() if key.descending else photo.c.taken_at.asc())
         else:
             order.extend(c.desc() if key.descending else c.asc()
-                         for c in (AlbumRoot.path, Photo.relpath))
-    order.extend((AlbumRoot.path.asc(), Photo.relpath.asc()))  # a stable order for ties
+                         for c in (album_root.c.path, photo.c.relpath))
+    order.extend((album_root.c.path.asc(), photo.c.relpath.asc()))  # a stable order for ties
     stmt = stmt.order_by(*order)
     if limit is not None:
         stmt = stmt.limit(limit)
@@ -171,25 +181,25 @@ def _tag_rows(tag_ids: set[int] | None, scores: list[ScoreTerm], *,
     """
     conditions: list[ColumnElement[bool]] = []
     if tag_ids is not None:
-        column = PhotoTag.tag_id if indexed else PhotoTag.tag_id + 0
+        column = photo_tag.c.tag_id if indexed else photo_tag.c.tag_id + 0
         conditions.append(column.in_(sorted(tag_ids)))
     for s in scores:
         if s.low is not None:
-            conditions.append(PhotoTag.score >= s.low)
+            conditions.append(photo_tag.c.score >= s.low)
         if s.high is not None:
-            conditions.append(PhotoTag.score <= s.high)
+            conditions.append(photo_tag.c.score <= s.high)
     return conditions
 
 
 def _in_tagged(tag_ids: set[int] | None, scores: list[ScoreTerm]) -> ColumnElement[bool]:
     """``photo.id IN (SELECT photo_id ... WHERE tag_id IN ...)``: driven by the tag index."""
-    return Photo.id.in_(select(PhotoTag.photo_id).where(*_tag_rows(tag_ids, scores)))
+    return photo.c.id.in_(select(photo_tag.c.photo_id).where(*_tag_rows(tag_ids, scores)))
 
 
 def _exists_tagged(tag_ids: set[int] | None, scores: list[ScoreTerm]) -> ColumnElement[bool]:
     """``EXISTS (the photo's own rows with such a tag)``: a check on photos found otherwise."""
-    return (select(PhotoTag.photo_id)
-            .where(PhotoTag.photo_id == Photo.id, *_tag_rows(tag_ids, scores, indexed=False))
+    return (select(photo_tag.c.photo_id)
+            .where(photo_tag.c.photo_id == photo.c.id, *_tag_rows(tag_ids, scores, indexed=False))
             .exists())
 
 
@@ -237,17 +247,17 @@ def _alternative(terms: list[Term], tags: TagIndex, roots: Sequence[tuple[int, s
             elif has_driver:
                 conditions.append(not_(_exists_tagged(ids, scores)))
             else:
-                conditions.append(Photo.id.not_in(
-                    select(PhotoTag.photo_id).where(*_tag_rows(ids, scores))))
+                conditions.append(photo.c.id.not_in(
+                    select(photo_tag.c.photo_id).where(*_tag_rows(ids, scores))))
             continue
         if isinstance(term, PathTerm):
             condition = _path_condition(term, roots)
         elif isinstance(term, DateTerm):
-            condition = and_(Photo.taken_at.is_not(None),
-                             *([Photo.taken_at >= term.start] if term.start else []),
-                             *([Photo.taken_at < term.end] if term.end else []))
+            condition = and_(photo.c.taken_at.is_not(None),
+                             *([photo.c.taken_at >= term.start] if term.start else []),
+                             *([photo.c.taken_at < term.end] if term.end else []))
         elif isinstance(term, StatusTerm):
-            condition = Photo.status == term.status
+            condition = photo.c.status == term.status
         else:
             continue  # ScoreTerm: folded into the tag terms above
         conditions.append(not_(condition) if term.negated else condition)
@@ -258,17 +268,17 @@ def _path_condition(term: PathTerm, roots: Sequence[tuple[int, str]]) -> ColumnE
     """Relative: substring of relpath. Absolute: prefix of root + '/' + relpath, compiled per root
     into root_id / relpath-prefix conditions so no string concatenation happens in SQL."""
     if not term.absolute:
-        return Photo.relpath.icontains(term.value, autoescape=True)
+        return photo.c.relpath.icontains(term.value, autoescape=True)
     wanted = os.path.expanduser(term.value)
     matches: list[ColumnElement[bool]] = []
     for root_id, root_path in roots:
         root = root_path.rstrip("/") + "/"
         if root.casefold().startswith(wanted.casefold()):
-            matches.append(Photo.root_id == root_id)  # the whole album root is inside
+            matches.append(photo.c.root_id == root_id)  # the whole album root is inside
         elif wanted.casefold().startswith(root.casefold()):
             rest = wanted[len(root):]
-            matches.append(and_(Photo.root_id == root_id,
-                                Photo.relpath.istartswith(rest, autoescape=True)))
+            matches.append(and_(photo.c.root_id == root_id,
+                                photo.c.relpath.istartswith(rest, autoescape=True)))
     return or_(*matches) if matches else false()
 
 
@@ -287,13 +297,13 @@ def _score_expression(query: Query, tags: TagIndex) -> ColumnElement:
         conditions = _tag_rows(tag_ids, scores, indexed=False)  # the photo's own few rows
         if conditions:
             per_alternative.append(and_(*conditions))
-    stmt = select(func.max(PhotoTag.score)).where(PhotoTag.photo_id == Photo.id)
+    stmt = select(func.max(photo_tag.c.score)).where(photo_tag.c.photo_id == photo.c.id)
     if per_alternative:
         stmt = stmt.where(or_(*per_alternative))
     return stmt.scalar_subquery()
 
 
-def search(session: Session, query: Query | Sequence[str] | str, *,
+def search(connection: Connection, query: Query | Sequence[str] | str, *,
            sort: Sequence[SortKey] = (), limit: int | None = None,
            with_score: bool = False, details: bool = True) -> list[Hit]:
     """Run ``query`` and return the photos found, sorted by its sort keys then ``sort``, then
@@ -304,13 +314,12 @@ def search(session: Session, query: Query | Sequence[str] | str, *,
     """
     if not isinstance(query, Query):
         query = parse_query(query)
-    tags = TagIndex.load(session)
-    roots = [tuple(r) for r in session.execute(select(AlbumRoot.id, AlbumRoot.path))]
+    tags = TagIndex.load(connection)
+    roots = [tuple(r) for r in connection.execute(select(album_root.c.id, album_root.c.path))]
     stmt = build_select(query, tags, roots=roots, extra_sort=sort, with_score=with_score,
-                        limit=limit, estimate=lambda ids: _estimate(session, ids),
+                        limit=limit, estimate=lambda ids: _estimate(connection, ids),
                         details=details)
-    # Core execution on the session's connection: plain rows, no ORM loading machinery.
-    rows = session.connection().execute(stmt).all()
+    rows = connection.execute(stmt).all()
     scored = with_score or any(k.field == "score" for k in list(query.sort) + list(sort))
     if details:
         return [Hit(*row) for row in rows] if scored else [Hit(*row, None) for row in rows]
@@ -322,13 +331,13 @@ def search(session: Session, query: Query | Sequence[str] | str, *,
 ESTIMATE_CAP = 20_000
 
 
-def _estimate(session: Session, tag_ids: set[int]) -> int:
+def _estimate(connection: Connection, tag_ids: set[int]) -> int:
     """How many photo_tag rows have one of ``tag_ids``, counted up to ESTIMATE_CAP only: enough to
     tell a rare tag from a common one, at the cost of a short walk of the (tag_id, ...) index."""
     # Selecting tag_id (not photo_id) keeps it an index-only walk of the (tag_id, score) index.
-    capped = (select(PhotoTag.tag_id).where(PhotoTag.tag_id.in_(sorted(tag_ids)))
+    capped = (select(photo_tag.c.tag_id).where(photo_tag.c.tag_id.in_(sorted(tag_ids)))
               .limit(ESTIMATE_CAP).subquery())
-    return session.execute(select(func.count()).select_from(capped)).scalar_one()
+    return connection.execute(select(func.count()).select_from(capped)).scalar_one()
 
 
 @dataclass
@@ -339,17 +348,18 @@ class PhotoTagScore:
     source: str
 
 
-def tags_of(session: Session, photo_ids: Sequence[int],
+def tags_of(connection: Connection, photo_ids: Sequence[int],
             chunk: int = 500) -> dict[int, list[PhotoTagScore]]:
     """Each photo's tags, best score first (for --json and --format {tags})."""
     result: dict[int, list[PhotoTagScore]] = {pid: [] for pid in photo_ids}
     ids = list(photo_ids)
     for start in range(0, len(ids), chunk):
-        rows = session.execute(
-            select(PhotoTag.photo_id, Tag.name, Tag.zh, PhotoTag.score, PhotoTag.source)
-            .join(Tag, Tag.id == PhotoTag.tag_id)
-            .where(PhotoTag.photo_id.in_(ids[start:start + chunk]))
-            .order_by(PhotoTag.photo_id, PhotoTag.score.desc(), Tag.name)
+        rows = connection.execute(
+            select(photo_tag.c.photo_id, tag.c.name, tag.c.zh, photo_tag.c.score,
+                   photo_tag.c.source)
+            .join(tag, tag.c.id == photo_tag.c.tag_id)
+            .where(photo_tag.c.photo_id.in_(ids[start:start + chunk]))
+            .order_by(photo_tag.c.photo_id, photo_tag.c.score.desc(), tag.c.name)
         )
         for photo_id, name, zh, score, source in rows:
             result[photo_id].append(PhotoTagScore(name, zh, score, source))

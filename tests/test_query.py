@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.dialects import postgresql
 
-from storage.db import read_session, write_session
+from storage.db import read_connection, write_session
 from storage.migrate import open_for_write
 from storage.models import (
     ERROR,
@@ -248,8 +248,8 @@ def library(tmp_path_factory):
 def found(library, *terms: str, **kwargs) -> list[str]:
     """Relative paths found (photos of the second root prefixed 'other:'), in result order."""
     engine, root1, root2 = library
-    with read_session(engine) as session:
-        hits = search(session, list(terms), **kwargs)
+    with read_connection(engine) as connection:
+        hits = search(connection, list(terms), **kwargs)
     return [h.relpath if h.root == str(root1) else f"other:{h.relpath}" for h in hits]
 
 
@@ -396,8 +396,8 @@ def test_sort_keys(library):
 
 def test_hit_score_is_the_best_matched_tag_score(library):
     engine, root1, _ = library
-    with read_session(engine) as session:
-        hits = {h.relpath: h for h in search(session, ["dog", ",", "car"], with_score=True)}
+    with read_connection(engine) as connection:
+        hits = {h.relpath: h for h in search(connection, ["dog", ",", "car"], with_score=True)}
     assert hits["2023/07/beagle.jpg"].score == pytest.approx(0.72)
     assert hits["2023/08/cat_and_dog.jpg"].score == pytest.approx(0.55)  # dog, not cat
     assert hits["2022/Car.JPG"].score == pytest.approx(0.95)
@@ -411,19 +411,19 @@ def test_limit(library):
 
 def test_unknown_tag_suggests_the_nearest(library):
     engine, _, _ = library
-    with read_session(engine) as session:
+    with read_connection(engine) as connection:
         with pytest.raises(UnknownTagError) as info:
-            search(session, ["animal", "^catt"])
+            search(connection, ["animal", "^catt"])
         assert info.value.name == "catt" and info.value.index == 1
         assert "cat" in info.value.suggestions
         assert str(info.value).startswith("unknown tag 'catt'; did you mean: cat")
         with pytest.raises(UnknownTagError) as info:
-            search(session, ["猫猫"])
+            search(connection, ["猫猫"])
         assert info.value.suggestions == ["猫"]
         with pytest.raises(UnknownTagError, match="'phototag tags' lists the known tags"):
-            search(session, ["zzzzzz"])
+            search(connection, ["zzzzzz"])
         with pytest.raises(UnknownTagError, match="lone ','"):
-            search(session, ["cat,dog"])
+            search(connection, ["cat,dog"])
 
 
 def test_tag_index_handles_cycles(library):
@@ -434,8 +434,8 @@ def test_tag_index_handles_cycles(library):
 def test_compiled_sql_is_portable(library):
     """The SELECT compiles for PostgreSQL too: no SQLite-only SQL in the query compiler."""
     engine, root1, _ = library
-    with read_session(engine) as session:
-        tags = TagIndex.load(session)
+    with read_connection(engine) as connection:
+        tags = TagIndex.load(connection)
     query = parse_query(["cat", "^dog", "score:0.5..", "path:2023", ",", f"path:{root1}/x",
                          "date:2023-06..2023-08", "score-", "date-"])
     stmt = build_select(query, tags, roots=[(1, str(root1))], with_score=True, limit=10)
@@ -450,8 +450,8 @@ def test_the_rarest_tag_term_drives_the_search(library):
     """The estimate decides which tag term uses the tag index; the others become EXISTS checks.
     Either way the photos found are the same."""
     engine, _, _ = library
-    with read_session(engine) as session:
-        tags = TagIndex.load(session)
+    with read_connection(engine) as connection:
+        tags = TagIndex.load(connection)
         cat, dog = tags.with_narrower(tags.lookup("cat")), tags.with_narrower(tags.lookup("dog"))
         for rare in (cat, dog):
             stmt = build_select(parse_query(["cat", "dog"]), tags,
@@ -460,7 +460,7 @@ def test_the_rarest_tag_term_drives_the_search(library):
             driven = sql.split("photo.id IN (")[1].split(")")[0]
             assert f"tag_id IN ({', '.join(map(str, sorted(rare)))}" in driven
             assert "EXISTS" in sql
-            found = {row.relpath for row in session.execute(stmt)}
+            found = {row.relpath for row in connection.execute(stmt)}
             assert found == {"2023/08/cat_and_dog.jpg"}
 
 
@@ -471,9 +471,9 @@ def test_negated_tag_checked_per_photo_after_a_date(library):
 
 def test_details_false_leaves_out_dates_and_status(library):
     engine, _, _ = library
-    with read_session(engine) as session:
-        full = search(session, ["dog", "score-"])
-        slim = search(session, ["dog", "score-"], details=False)
+    with read_connection(engine) as connection:
+        full = search(connection, ["dog", "score-"])
+        slim = search(connection, ["dog", "score-"], details=False)
     assert [(h.id, h.path, h.score) for h in slim] == [(h.id, h.path, h.score) for h in full]
     assert full[0].taken_at == datetime(2023, 7, 5) and full[0].status == TAGGED
     assert slim[0].taken_at is None and slim[0].status is None
@@ -490,8 +490,8 @@ def test_common_tag_with_a_limit_walks_photos_in_path_order(library, monkeypatch
     expected = {limit: found(library, *terms, limit=limit) for limit in (1, 2, 100)}
     assert expected[100] == found(library, *terms)  # the limit cuts, it does not change the order
     monkeypatch.setattr(storage.query_sql, "ESTIMATE_CAP", 1)
-    with read_session(engine) as session:
-        tags = TagIndex.load(session)
+    with read_connection(engine) as connection:
+        tags = TagIndex.load(connection)
     stmt = build_select(parse_query(terms), tags, extra_sort=[SortKey("path", False)], limit=2,
                         estimate=lambda ids: 1)
     sql = str(stmt.compile(dialect=postgresql.dialect()))
