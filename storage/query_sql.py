@@ -163,7 +163,10 @@ def build_select(query: Query, tags: TagIndex, *, roots: Sequence[tuple[int, str
         else:
             order.extend(c.desc() if key.descending else c.asc()
                          for c in (album_root.c.path, photo.c.relpath))
-    order.extend((album_root.c.path.asc(), photo.c.relpath.asc()))  # a stable order for ties
+    if not any(key.field == "path" for key in sort):
+        # A stable order for ties. (Root, relpath) is unique, so after a path key there are none;
+        # repeating those keys would only make SQLite's sort compare them twice (a third slower).
+        order.extend((album_root.c.path.asc(), photo.c.relpath.asc()))
     stmt = stmt.order_by(*order)
     if limit is not None:
         stmt = stmt.limit(limit)
