@@ -255,6 +255,27 @@ def test_read_only_commands_never_import_torch(lib):
     assert "alembic" not in result.stderr  # no INFO lines from it either
 
 
+def test_search_tags_and_status_use_sqlalchemy_core_only(lib):
+    """The ORM's import is a sixth of `phototag search`'s start-up: these commands run without it
+    (`show` may use it: it finds the photo the way the indexer files it)."""
+    url = lib[0]
+    code = (
+        "import sys\n"
+        "from daemon.cli import main\n"
+        f"for args in (['search', 'cat', '--json'], ['tags'], ['status']):\n"
+        f"    try:\n"
+        f"        main(['--db', {url!r}, *args])\n"
+        f"    except SystemExit:\n"
+        f"        pass\n"
+        "print('ORM', 'sqlalchemy.orm' in sys.modules, 'storage.models' in sys.modules,\n"
+        "      file=sys.stderr)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=Path(__file__).parent.parent, timeout=120)
+    assert "kitty.png" in result.stdout and "last nightly run:" in result.stdout  # they ran
+    assert "ORM False False" in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("name", list(COMMANDS))
 def test_listed_short_help_is_the_commands_own(name):
     """`phototag --help` shows the help kept in COMMANDS; it must not drift from the command's."""
