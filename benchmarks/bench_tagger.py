@@ -30,6 +30,7 @@ from tagger.weights import load_model
 from tagger.engine import Tagger, cpu_count, default_threads
 from tagger.labels import load_label_map
 from tagger.preprocess import reference_load, reference_transform
+from tagger.torch_runtime import TorchPredictor
 
 
 class PeakRSS:
@@ -98,7 +99,7 @@ def agreement(paths: list[Path], batch_size: int) -> tuple[int, int]:
     import platformdirs
 
     backbone, model = load_model("efficientnet_lite0", cache_dir=platformdirs.user_cache_path("phototag"))
-    tagger = Tagger(backbone, model, load_label_map(), batch_size=batch_size)
+    tagger = Tagger(backbone, TorchPredictor(model, backbone), load_label_map(), batch_size=batch_size)
     fast = [r.classes[0].index if r.ok else None for r in tagger.tag_files(paths, top=1)]
     transform = reference_transform(backbone)
     same = 0
@@ -148,7 +149,7 @@ def main() -> None:
     backbone = get_backbone(args.model)
     model = backbone.build(args.weights)
     weights = str(args.weights) if args.weights else "random weights"
-    tagger = Tagger(backbone, model, load_label_map(), batch_size=args.batch_size,
+    tagger = Tagger(backbone, TorchPredictor(model, backbone), load_label_map(), batch_size=args.batch_size,
                     threads=args.threads, decode_threads=args.decode_threads)
     print(f"{len(paths)} photos from {paths[0].parent}; {args.model} ({weights}), float32; "
           f"{cpu_count()} cores (default split: {default_threads(cpu_count())[0]} inference, "

@@ -265,18 +265,14 @@ def child_main() -> None:
     sys.stdout.write(json.dumps(result) + "\n")
 
 
-def _load(spec: dict):
-    """The backbone and its model: real weights if found, else seeded random weights."""
-    import torch
-
+def _weights(spec: dict):
+    """The backbone and its weights file; None when not found (seeded random weights are timed)."""
     from tagger.backbones import get_backbone
     from tagger.weights import find_weights
 
     backbone = get_backbone(spec["model"])
     weights_file = Path(spec["weights_file"]) if spec.get("weights_file") else None
-    path = find_weights(backbone, weights_file=weights_file, cache_dir=Path(spec["cache_dir"]))
-    torch.manual_seed(0)
-    return backbone, backbone.build(path), path is None
+    return backbone, find_weights(backbone, weights_file=weights_file, cache_dir=Path(spec["cache_dir"]))
 
 
 def _peak_rss_mb() -> float | None:
@@ -300,16 +296,20 @@ def _measure(spec: dict) -> dict:
     from tagger.precision import RECHECK_MARGIN, prepare_model
 
     photos = [Path(p) for p in spec["photos"]]
-    backbone, model, random_weights = _load(spec)
+    backbone, weights = _weights(spec)
+    random_weights = weights is None
     row = {"model": spec["model"], "requested": spec["precision"],
            "requested_runtime": spec["runtime"], "random_weights": random_weights}
     if spec["precision"] == "naive":
+        from tagger.torch_runtime import build_model
+
+        model = build_model(backbone, weights)
         return row | _measure_naive(backbone, model, photos) | {"peak_rss_mb": _peak_rss_mb()}
 
     start = time.perf_counter()
     # With random weights every prediction is a close call: time int8 without the fp32 re-check.
     margin = 0.0 if random_weights else RECHECK_MARGIN
-    prepared = prepare_model(backbone, model, spec["precision"], runtime=spec["runtime"],
+    prepared = prepare_model(backbone, weights, spec["precision"], runtime=spec["runtime"],
                              cache_dir=spec["prepared_dir"], calibration=spec["calibration"],
                              recheck_margin=margin, threads=spec["threads"])
     prepare_s = time.perf_counter() - start
@@ -317,14 +317,14 @@ def _measure(spec: dict) -> dict:
         return row | {"precision": prepared.precision, "runtime": prepared.runtime,
                       "prepare_s": prepare_s}
     labels = load_label_map(Path(spec["labels_file"]) if spec.get("labels_file") else None)
-    tagger = Tagger(backbone, prepared.module, labels, batch_size=spec["batch_size"],
+    tagger = Tagger(backbone, prepared.predictor, labels, batch_size=spec["batch_size"],
                     threads=spec["threads"], decode_threads=spec["decode_threads"])
     # Warm-up: one batch (session creation, allocator, oneDNN primitive caches).
     for _ in tagger.tag_files(photos[:tagger.batch_size], top=1):
         pass
     for counter in ("images", "rechecked"):
-        if hasattr(prepared.module, counter):
-            setattr(prepared.module, counter, 0)
+        if hasattr(prepared.predictor, counter):
+            setattr(prepared.predictor, counter, 0)
     tagger.stats = type(tagger.stats)()
     start = time.perf_counter()
     results = list(tagger.tag_files(photos, top=1))
@@ -352,9 +352,9 @@ def _measure(spec: dict) -> dict:
         "top1": [r.classes[0].index if r.ok and r.classes else None for r in results],
         "peak_rss_mb": _peak_rss_mb(),
     }
-    module = prepared.module
-    if getattr(module, "images", 0):
-        row["rechecked"] = module.rechecked / module.images
+    predictor = prepared.predictor
+    if getattr(predictor, "images", 0):
+        row["rechecked"] = predictor.rechecked / predictor.images
     return row
 
 

@@ -2,9 +2,13 @@
 
 ``Tagger.tag_files`` submits files to a thread pool that decodes, resizes and crops them to uint8
 pixels (Pillow and numpy only: they release the GIL, and no torch work competes with inference's
-threads), keeping about two batches in flight, while the calling thread normalises each batch and
-runs inference on it. Results come back in input order; a file that
-cannot be read yields an ``ImageResult`` with ``error`` set and never fails its batch.
+threads), keeping about two batches in flight, while the calling thread hands each batch to the
+predictor (uint8 pixels -> probabilities: torch, or ONNX Runtime without torch; see
+``tagger.precision``). Results come back in input order; a file that cannot be read yields an
+``ImageResult`` with ``error`` set and never fails its batch.
+
+This module imports no torch: with ``runtime = "onnxruntime"`` and a prepared model in the cache,
+``open_tagger`` and ``tag_files`` run on Pillow, numpy and onnxruntime alone.
 """
 
 from __future__ import annotations
@@ -17,12 +21,11 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-import torch
-from torch import nn
+import numpy as np
 
-from tagger.preprocess import ImageError, load_image, normalize, resize_crop, to_uint8_tensor
+from tagger.preprocess import ImageError, load_image, resize_crop, to_uint8_array
 from tagger.results import ClassScore, ImageResult
 
 if TYPE_CHECKING:
@@ -30,6 +33,19 @@ if TYPE_CHECKING:
     from tagger.labels import LabelMap
 
 log = logging.getLogger(__name__)
+
+
+class Predictor(Protocol):
+    """A prepared model: ``tagger.torch_runtime.TorchPredictor``, ``tagger.onnx_runtime.OrtPredictor``
+    or ``tagger.precision.Int8WithRecheck``."""
+
+    runtime: str  # "torch" or "onnxruntime"
+
+    def use_threads(self, threads: int) -> None:
+        """Run inference on ``threads`` intra-op threads."""
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (N, 3, crop, crop) pixels -> (N, classes) float32 probabilities."""
 
 
 def cpu_count() -> int:
@@ -62,21 +78,21 @@ class StageTimes:
 
 @dataclass
 class _Decoded:
-    pixels: torch.Tensor | None  # (3, crop, crop) uint8; normalised per batch in the inference thread
+    pixels: np.ndarray | None  # (3, crop, crop) uint8; normalised per batch by the predictor
     size: tuple[int, int] | None = None
     error: str | None = None
 
 
 class Tagger:
-    """A loaded model with its label map, tagging image files in batches."""
+    """A prepared model (``predictor``) with its label map, tagging image files in batches."""
 
-    def __init__(self, backbone: Backbone, model: nn.Module, labels: LabelMap, *,
+    def __init__(self, backbone: Backbone, predictor: Predictor, labels: LabelMap, *,
                  batch_size: int = 16, threads: int = 0, decode_threads: int = 0) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         default_inference, default_decode = default_threads(cpu_count())
         self.backbone = backbone
-        self.model = model.eval()
+        self.predictor = predictor
         self.labels = labels
         self.batch_size = batch_size
         self.threads = threads or default_inference
@@ -84,15 +100,16 @@ class Tagger:
         self.model_name: str = backbone.name
         self.mapping_version: str = labels.version
         self.precision = "fp32"  # what open_tagger prepared the model at
-        self.runtime = "torch"
+        self.runtime = predictor.runtime
         self.stats = StageTimes()
 
     def tag_files(self, paths: Iterable[str | os.PathLike], top: int = 5) -> Iterator[ImageResult]:
         """Tag each file; yields one ``ImageResult`` per path, in input order.
 
-        Sets torch's (process-wide) intra-op thread count to ``threads``.
+        Runs inference on ``threads`` threads (with torch, its process-wide intra-op thread count;
+        with ONNX Runtime, the session's).
         """
-        torch.set_num_threads(self.threads)
+        self.predictor.use_threads(self.threads)
         pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="phototag-decode")
         try:
             batch: list[tuple[Path, _Decoded]] = []
@@ -132,7 +149,7 @@ class Tagger:
             start = time.perf_counter()
             image, size = load_image(path, self.backbone.resize)
             decoded = time.perf_counter()
-            pixels = to_uint8_tensor(resize_crop(image, self.backbone))
+            pixels = to_uint8_array(resize_crop(image, self.backbone))
             done = time.perf_counter()
         except ImageError as e:
             return _Decoded(None, error=str(e))
@@ -147,12 +164,10 @@ class Tagger:
 
     def _infer(self, batch: list[tuple[Path, _Decoded]], top: int) -> Iterator[ImageResult]:
         good = [decoded.pixels for _, decoded in batch if decoded.pixels is not None]
-        probabilities: list[torch.Tensor] = []
+        probabilities = np.empty((0, 0), dtype=np.float32)
         if good:
             start = time.perf_counter()
-            with torch.inference_mode():
-                inputs = normalize(torch.stack(good), self.backbone)
-                probabilities = list(self.model(inputs).softmax(dim=1))
+            probabilities = self.predictor(np.stack(good))
             self.stats.inference += time.perf_counter() - start
             self.stats.images += len(good)
         rows = iter(probabilities)
@@ -162,12 +177,14 @@ class Tagger:
             else:
                 yield self._result(path, decoded, next(rows), top)
 
-    def _result(self, path: Path, decoded: _Decoded, probs: torch.Tensor, top: int) -> ImageResult:
-        values, indices = probs.topk(min(top, probs.numel()))
+    def _result(self, path: Path, decoded: _Decoded, probs: np.ndarray, top: int) -> ImageResult:
+        """One image's result from its row of probabilities (the same for every predictor)."""
+        indices = np.argsort(-probs, kind="stable")[:top]  # highest first; ties in class order
         classes = []
-        for score, index in zip(values.tolist(), indices.tolist()):
+        for index in indices.tolist():
             label = self.labels.classes[index]
-            classes.append(ClassScore(index=index, wnid=label.wnid, name=label.name, score=score))
+            classes.append(ClassScore(index=index, wnid=label.wnid, name=label.name,
+                                      score=float(probs[index])))
         width, height = decoded.size or (None, None)
         return ImageResult(path, classes=classes, tags=self.labels.tags_for(probs.tolist()),
                            width=width, height=height)
@@ -178,23 +195,27 @@ def open_tagger(name: str = "resnet18", *, weights_file: str | os.PathLike | Non
                 batch_size: int = 16, threads: int = 0, decode_threads: int = 0,
                 precision: str = "fp32", runtime: str = "torch",
                 calibration: Iterable[str | os.PathLike] = ()) -> Tagger:
-    """Load backbone ``name`` (weights from ``weights_file`` or ``cache_dir``) and the label map,
-    prepared at ``precision`` on ``runtime`` (see ``tagger.precision``).
+    """Backbone ``name`` (weights from ``weights_file`` or ``cache_dir``) with the label map,
+    prepared at ``precision`` on ``runtime`` (see ``tagger.precision``; ONNX Runtime with its
+    prepared model already in ``cache_dir`` loads no torch).
 
     ``calibration``: a sample of the user's photos, needed to prepare int8 or decide "auto" the
     first time (the result is cached in ``cache_dir``); without it those fall back to fp32 and say
     why in the log. Raises ``tagger.weights.WeightsError`` (``MissingWeightsError`` if there are
     no weights).
     """
+    from tagger.backbones import get_backbone
     from tagger.labels import load_label_map
     from tagger.precision import prepare_model
-    from tagger.weights import load_model
+    from tagger.weights import weights_path
 
-    backbone, model = load_model(name, weights_file=weights_file, cache_dir=cache_dir)
+    backbone = get_backbone(name)
+    weights = weights_path(backbone, weights_file=Path(weights_file) if weights_file else None,
+                           cache_dir=Path(cache_dir))
     labels = load_label_map(labels_file)
-    prepared = prepare_model(backbone, model, precision, runtime=runtime, cache_dir=cache_dir,
+    prepared = prepare_model(backbone, weights, precision, runtime=runtime, cache_dir=cache_dir,
                              calibration=calibration, threads=threads)
-    tagger = Tagger(backbone, prepared.module, labels, batch_size=batch_size, threads=threads,
+    tagger = Tagger(backbone, prepared.predictor, labels, batch_size=batch_size, threads=threads,
                     decode_threads=decode_threads)
-    tagger.precision, tagger.runtime = prepared.precision, prepared.runtime
+    tagger.precision = prepared.precision
     return tagger

@@ -5,24 +5,33 @@
   depend on; the TorchScript one is deprecated but still present in torch 2.x, and is tried first.
 * ``quantize_int8`` is ONNX Runtime's post-training static quantization in QDQ format, calibrated
   on preprocessed photos (see ``tagger.precision`` for the recipe and why).
-* ``OrtModule`` wraps an ``InferenceSession`` as an ``nn.Module`` that takes the same float batch
-  tensor as the torch model and returns logits as a tensor, so the tagger runs it unchanged.
+* ``OrtPredictor`` runs a model file in an ``InferenceSession``: uint8 pixels in, probabilities out,
+  with normalisation and softmax in numpy, so tagging with a prepared model needs no torch at all
+  (``import torch`` alone costs ~700 MB of RSS with a CUDA build).
 
-Needs the optional packages ``onnxruntime`` and ``onnx`` (``pip install 'phototag[onnx]'``).
+Needs the optional packages ``onnxruntime`` and ``onnx`` (``pip install 'phototag[onnx]'``); only
+exporting imports torch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import tempfile
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
+
+from tagger.preprocess import normalize_array
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from tagger.backbones import Backbone
 
 INPUT = "input"
 OUTPUT = "logits"
@@ -35,14 +44,9 @@ class OnnxUnavailableError(RuntimeError):
 
 
 def missing_packages() -> list[str]:
-    """Which of the packages the ONNX Runtime backend needs are not importable."""
-    missing = []
-    for name in ("onnxruntime", "onnx"):
-        try:
-            __import__(name)
-        except ImportError:
-            missing.append(name)
-    return missing
+    """Which of the packages the ONNX Runtime backend needs are not installed (found without
+    importing them: ``onnx`` is only imported to export and quantize)."""
+    return [name for name in ("onnxruntime", "onnx") if importlib.util.find_spec(name) is None]
 
 
 def require() -> None:
@@ -68,6 +72,8 @@ def _atomic_path(path: Path):
 def export_onnx(module: nn.Module, crop: int, path: Path) -> Path:
     """Export ``module`` (eval mode, float32) to ``path`` with a dynamic batch dimension."""
     require()
+    import torch
+
     example = torch.zeros(1, 3, crop, crop)
     kwargs = dict(input_names=[INPUT], output_names=[OUTPUT], opset_version=OPSET,
                   dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
@@ -81,9 +87,10 @@ def export_onnx(module: nn.Module, crop: int, path: Path) -> Path:
     return path
 
 
-def quantize_int8(fp32_path: Path, out_path: Path, calibration: torch.Tensor, *,
+def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, *,
                   float_nodes: int = 0, reduce_range: bool = True, batch: int = 8) -> Path:
-    """Static int8 quantization (QDQ) of ``fp32_path``, calibrated on the batch ``calibration``.
+    """Static int8 quantization (QDQ) of ``fp32_path``, calibrated on ``calibration`` (the
+    normalised float32 batch the model takes).
 
     Weights int8 per output channel, activations uint8 per tensor with MinMax ranges. The first
     ``float_nodes`` Conv/Gemm nodes stay float32 (the stem is the most sensitive to quantization).
@@ -98,7 +105,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: torch.Tensor, *,
 
     # Equal-sized batches only: some calibrators cannot stack a short last batch.
     usable = len(calibration) - len(calibration) % batch if len(calibration) > batch else len(calibration)
-    batches = [{INPUT: calibration[i:i + batch].numpy()} for i in range(0, usable, batch)]
+    batches = [{INPUT: np.ascontiguousarray(calibration[i:i + batch], dtype=np.float32)} for i in range(0, usable, batch)]
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -125,26 +132,41 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: torch.Tensor, *,
     return out_path
 
 
-class OrtModule(nn.Module):
-    """An ONNX model run by ONNX Runtime's CPU provider, called like the torch model it came from.
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of (N, classes) logits, in float32."""
+    shifted = logits.astype(np.float32) - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
 
-    The session is created on the first call with as many intra-op threads as torch is set to use
-    at that moment (``Tagger.tag_files`` sets them), unless ``threads`` is given.
+
+class OrtPredictor:
+    """uint8 (N, 3, crop, crop) pixels -> (N, 1000) float32 probabilities with ONNX Runtime's CPU
+    provider: normalised in numpy with the backbone's mean/std, softmax in numpy; no torch.
+
+    The session is created on the first call, with ``threads`` intra-op threads.
     """
 
-    def __init__(self, path: Path, threads: int = 0) -> None:
-        super().__init__()
+    runtime = "onnxruntime"
+
+    def __init__(self, path: Path, backbone: Backbone, threads: int = 1) -> None:
         require()
         self.path = Path(path)
-        self.threads = threads
+        self.backbone = backbone
+        self.threads = max(1, threads)
         self._session = None
+
+    def use_threads(self, threads: int) -> None:
+        """Intra-op threads of the session (recreated on the next call if the count changes)."""
+        if threads != self.threads:
+            self.threads = max(1, threads)
+            self._session = None
 
     def session(self):
         if self._session is None:
             import onnxruntime as ort
 
             options = ort.SessionOptions()
-            options.intra_op_num_threads = self.threads or torch.get_num_threads()
+            options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
             # Idle pool threads would otherwise spin and take CPU from the decode threads.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -153,11 +175,13 @@ class OrtModule(nn.Module):
                                                  providers=["CPUExecutionProvider"])
         return self._session
 
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        inputs = np.ascontiguousarray(batch.detach().to(torch.float32).numpy())
-        (logits,) = self.session().run([OUTPUT], {INPUT: inputs})
-        return torch.from_numpy(logits)
+    def logits(self, inputs: np.ndarray) -> np.ndarray:
+        """The model's logits for the normalised float32 batch ``inputs``."""
+        (logits,) = self.session().run([OUTPUT], {INPUT: np.ascontiguousarray(inputs, dtype=np.float32)})
+        return logits
 
-    def extra_repr(self) -> str:
-        return str(self.path)
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        return softmax(self.logits(normalize_array(pixels, self.backbone)))
 
+    def __repr__(self) -> str:
+        return f"OrtPredictor({self.path}, threads={self.threads})"

@@ -1,7 +1,9 @@
 """Running a backbone at the precision (fp32, bf16, int8 or "auto") and runtime the user chose.
 
-``prepare_model`` turns a loaded float32 model into a module the tagger calls exactly like the
-original (float batch in, logits out), plus the precision and runtime actually used and the reason.
+``prepare_model`` turns a backbone's weights file into a predictor the tagger calls (uint8 pixels
+in, probabilities out; ``tagger.engine.Predictor``), plus the precision and runtime actually used
+and the reason. torch is imported only when it runs the model or must prepare one: with
+``runtime = "onnxruntime"`` and the prepared ONNX file in the cache, nothing imports torch.
 
 What each precision is (measured on a 2-core AMD EPYC with AVX2, no AVX-512/VNNI; see
 ``phototag bench`` and the helper's note for the figures):
@@ -30,7 +32,8 @@ What each precision is (measured on a 2-core AMD EPYC with AVX2, no AVX-512/VNNI
 Calibration photos are the user's own (a sample of the library, chosen by the caller): a shipped
 set would need redistributable photos in the package, and a sample of the library matches what
 will be tagged. Prepared models and auto's decision are cached in ``<cache_dir>/prepared/`` under
-a fingerprint of the weights, so start-up reuses them and changed weights never meet a stale file.
+the sha256 of the weights file (computed without loading it, so without torch), so start-up reuses
+them and changed weights never meet a stale file.
 """
 
 from __future__ import annotations
@@ -46,11 +49,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+import numpy as np
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from tagger.backbones import Backbone
+    from tagger.engine import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +67,7 @@ RECHECK_MARGIN = 0.15  # int8: re-run in fp32 when top-1 leads top-2 by less (so
 MIN_CALIBRATION = 8  # photos needed to calibrate int8 (auto needs twice as many: half held out)
 MAX_CALIBRATION = 32  # photos int8 is calibrated on
 MAX_EVALUATION = 200  # held-out photos auto measures agreement and speed on
-RECIPE = 1  # part of every cached file name: bump when preparation changes so caches are remade
+RECIPE = 2  # part of every cached file name: bump when preparation changes so caches are remade
 FLOAT_NODES_DEFAULT = 3  # leading Conv/Gemm nodes kept in float32 when quantizing (stem + block 1)
 FLOAT_NODES = {"resnet18": 1, "shufflenet_v2_x1_0": 1}  # plain stems: the stem conv only
 
@@ -82,8 +87,10 @@ class CpuFeatures:
         """From /proc/cpuinfo's ``flags`` (x86) or ``Features`` (ARM) line; else ask torch."""
         arch = platform.machine().lower()
         flags = _cpuinfo_flags(Path("/proc/cpuinfo"))
-        if not flags:
-            flags = _torch_flags()
+        if not flags:  # no /proc/cpuinfo: the only case that needs torch here
+            from tagger.torch_runtime import cpu_capability_flags
+
+            flags = cpu_capability_flags()
         return cls(arch, frozenset(flags))
 
     @classmethod
@@ -132,22 +139,11 @@ def _cpuinfo_flags(path: Path) -> set[str]:
     return set()
 
 
-def _torch_flags() -> set[str]:
-    """Coarse flags from torch's own dispatch level ("DEFAULT", "AVX2", "AVX512", ...)."""
-    capability = torch.backends.cpu.get_cpu_capability().upper()
-    flags = set()
-    if capability.startswith(("AVX2", "AVX512")):
-        flags.add("avx2")
-    if capability.startswith("AVX512"):
-        flags.add("avx512f")
-    return flags
-
-
 @dataclass
 class Prepared:
     """A model ready for the tagger, and what was actually chosen."""
 
-    module: nn.Module  # called on a float (N, 3, crop, crop) batch, returns (N, 1000) logits
+    predictor: Predictor  # uint8 (N, 3, crop, crop) pixels -> (N, 1000) float32 probabilities
     precision: str  # effective: "fp32", "bf16" or "int8"
     runtime: str  # effective: "torch" or "onnxruntime"
     reason: str  # one line: why this precision/runtime (shown in logs and by `phototag bench`)
@@ -159,64 +155,48 @@ class Prepared:
 # --------------------------------------------------------------------------- modules
 
 
-class ChannelsLast(nn.Module):
-    """fp32 torch with channels-last weights and input (oneDNN's faster layout on x86)."""
+class Int8WithRecheck:
+    """int8 probabilities, with close calls (top-1 leads top-2 by < ``margin``) recomputed by the
+    fp32 predictor. Both are ONNX Runtime predictors: numpy only."""
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model.to(memory_format=torch.channels_last)
+    runtime = "onnxruntime"
 
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.model(batch.contiguous(memory_format=torch.channels_last))
-
-
-class Bf16Autocast(nn.Module):
-    """torch autocast to bfloat16 (channels-last); logits come back as float32."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model.to(memory_format=torch.channels_last)
-
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = self.model(batch.contiguous(memory_format=torch.channels_last))
-        return logits.float()
-
-
-class Int8WithRecheck(nn.Module):
-    """int8 logits, with close calls (top-1 leads top-2 by < ``margin``) recomputed in fp32."""
-
-    def __init__(self, int8: nn.Module, fp32: nn.Module, margin: float = RECHECK_MARGIN) -> None:
-        super().__init__()
+    def __init__(self, int8: Predictor, fp32: Predictor, margin: float = RECHECK_MARGIN) -> None:
         self.int8 = int8
         self.fp32 = fp32
         self.margin = margin
         self.images = 0  # counters for `phototag bench`
         self.rechecked = 0
 
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        logits = self.int8(batch)
-        top2 = logits.softmax(dim=1).topk(min(2, logits.shape[1]), dim=1).values
-        close = (top2[:, 0] - top2[:, -1]) < self.margin if top2.shape[1] > 1 else top2[:, 0] < 0
-        self.images += len(batch)
-        if bool(close.any()):
-            logits = logits.clone()
-            logits[close] = self.fp32(batch[close]).to(logits.dtype)
+    def use_threads(self, threads: int) -> None:
+        self.int8.use_threads(threads)
+        self.fp32.use_threads(threads)
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        probs = self.int8(pixels)
+        self.images += len(pixels)
+        if probs.shape[1] < 2:
+            return probs
+        top2 = np.partition(probs, -2, axis=1)[:, -2:]
+        close = (top2[:, 1] - top2[:, 0]) < self.margin
+        if close.any():
+            probs = probs.copy()
+            probs[close] = self.fp32(pixels[close])
             self.rechecked += int(close.sum())
-        return logits
+        return probs
 
 
 # --------------------------------------------------------------------------- cache
 
 
-def weights_fingerprint(module: nn.Module) -> str:
-    """sha256 (16 hex digits) of the model's parameters and buffers: names, dtypes, shapes, bytes."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
+def weights_fingerprint(weights: Path | None) -> str:
+    """sha256 (16 hex digits) of the weights file; "random" for seeded random weights (benchmarks).
+
+    Hashing the file (~50 ms for ResNet-18's 45 MB) needs neither torch nor the model loaded.
+    """
+    from tagger.weights import sha256_file
+
+    return sha256_file(Path(weights))[:16] if weights is not None else "random"
 
 
 @dataclass(frozen=True)
@@ -245,9 +225,9 @@ class _Cache:
 
 
 def load_calibration(backbone: Backbone, paths: Iterable[str | os.PathLike],
-                     limit: int | None = None) -> torch.Tensor:
-    """Photos -> a normalised float batch, preprocessed exactly as the tagger does; bad files skipped."""
-    from tagger.preprocess import ImageError, load_image, normalize, resize_crop, to_uint8_tensor
+                     limit: int | None = None) -> np.ndarray:
+    """Photos -> a uint8 (N, 3, crop, crop) batch, decoded exactly as the tagger does; bad files skipped."""
+    from tagger.preprocess import ImageError, load_image, resize_crop, to_uint8_array
 
     pixels = []
     for path in paths:
@@ -255,43 +235,50 @@ def load_calibration(backbone: Backbone, paths: Iterable[str | os.PathLike],
             break
         try:
             image, _ = load_image(path, backbone.resize)
-            pixels.append(to_uint8_tensor(resize_crop(image, backbone)))
+            pixels.append(to_uint8_array(resize_crop(image, backbone)))
         except ImageError as e:
             log.debug("calibration: skipping %s: %s", path, e)
     if not pixels:
-        return torch.empty(0, 3, backbone.crop, backbone.crop)
-    return normalize(torch.stack(pixels), backbone)
+        return _no_images(backbone)
+    return np.stack(pixels)
 
 
-def prepare_model(backbone: Backbone, module: nn.Module, precision: str = "fp32", *,
+def _no_images(backbone: Backbone) -> np.ndarray:
+    return np.empty((0, 3, backbone.crop, backbone.crop), dtype=np.uint8)
+
+
+def prepare_model(backbone: Backbone, weights: Path | None, precision: str = "fp32", *,
                   runtime: str = "torch", cache_dir: str | os.PathLike,
-                  calibration: Iterable[str | os.PathLike] | torch.Tensor = (),
+                  calibration: Iterable[str | os.PathLike] | np.ndarray = (),
                   features: CpuFeatures | None = None,
                   recheck_margin: float = RECHECK_MARGIN, threads: int = 0) -> Prepared:
-    """``module`` (float32, weights loaded) prepared at ``precision`` on ``runtime``.
+    """``backbone`` with the weights file ``weights`` (None: seeded random weights, for benchmarks)
+    prepared at ``precision`` on ``runtime``.
 
-    ``calibration``: the user's photos (paths, or an already preprocessed batch) to calibrate int8
-    and, for "auto", to measure agreement on; needed only when nothing is cached yet.
+    The weights are loaded into torch only if torch runs the model or a prepared file must be made:
+    ONNX Runtime with its prepared model (or auto's cached decision of it) in the cache imports no
+    torch. Unusable weights raise ``tagger.weights.WeightsError`` when they are loaded.
+    ``calibration``: the user's photos (paths, or an already decoded uint8 batch from
+    ``load_calibration``) to calibrate int8 and, for "auto", to measure agreement on; needed only
+    when nothing is cached yet.
     ``features``: the CPU's (default: detected). ``recheck_margin``: int8's close-call margin
     (0 turns the fp32 re-check off; benchmarks with random weights need that). ``threads``: the
     inference threads the tagger will use (0: the engine's default for this machine); auto times
     the candidates with that many, as int8's gain depends on it. Never raises for an unsupported combination:
     it falls back to fp32 (or to the torch runtime) and says why in ``reason``.
-    The module's weights are converted to channels-last in place.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     features = features or CpuFeatures.detect()
-    module.eval()
     cache = _Cache(Path(cache_dir) / "prepared",
-                   f"{backbone.name}-{weights_fingerprint(module)}-r{RECIPE}")
+                   f"{backbone.name}-{weights_fingerprint(weights)}-r{RECIPE}")
     if not threads:
         from tagger.engine import cpu_count, default_threads
 
         threads = default_threads(cpu_count())[0]
-    context = _Context(backbone, module, cache, features, calibration, recheck_margin, threads)
+    context = _Context(backbone, weights, cache, features, calibration, recheck_margin, threads)
     notes = []
     if runtime == "onnxruntime" and (missing := _onnx_missing()):
         notes.append(f"runtime torch instead of onnxruntime: {missing}")
@@ -310,19 +297,42 @@ def prepare_model(backbone: Backbone, module: nn.Module, precision: str = "fp32"
 @dataclass
 class _Context:
     backbone: Backbone
-    module: nn.Module
+    weights: Path | None
     cache: _Cache
     features: CpuFeatures
-    calibration_source: Iterable[str | os.PathLike] | torch.Tensor
+    calibration_source: Iterable[str | os.PathLike] | np.ndarray
     recheck_margin: float = RECHECK_MARGIN
     threads: int = 1
-    _images: torch.Tensor | None = None
+    _module: nn.Module | None = None
+    _images: np.ndarray | None = None
 
-    def calibration(self) -> torch.Tensor:
-        """The calibration photos, loaded once (at most the number any step uses)."""
+    def module(self) -> nn.Module:
+        """The float32 torch model, loaded (importing torch) the first time something needs it."""
+        if self._module is None:
+            from tagger.torch_runtime import build_model
+
+            self._module = build_model(self.backbone, self.weights)
+        return self._module
+
+    def torch_predictor(self, wrapper: str = "") -> Predictor:
+        """torch running the model as is, or wrapped in ``ChannelsLast`` / ``Bf16Autocast``."""
+        from tagger import torch_runtime
+
+        module = self.module()
+        if wrapper:
+            module = getattr(torch_runtime, wrapper)(module)
+        return torch_runtime.TorchPredictor(module, self.backbone)
+
+    def ort_predictor(self, path: Path) -> Predictor:
+        from tagger.onnx_runtime import OrtPredictor
+
+        return OrtPredictor(path, self.backbone, self.threads)
+
+    def calibration(self) -> np.ndarray:
+        """The calibration photos, decoded once (at most the number any step uses)."""
         if self._images is None:
             source = self.calibration_source
-            if isinstance(source, torch.Tensor):
+            if isinstance(source, np.ndarray):
                 self._images = source[:MAX_CALIBRATION + MAX_EVALUATION]
             else:
                 self._images = load_calibration(self.backbone, source,
@@ -345,7 +355,7 @@ def _explicit(ctx: _Context, precision: str, runtime: str) -> Prepared:
         if why_not:
             return Prepared(_fp32(ctx, runtime), "fp32", runtime, f"fp32 instead of bf16: {why_not}")
         note = "" if runtime == "torch" else " (bf16 runs in torch: ONNX Runtime's CPU provider has no bf16 kernels)"
-        return Prepared(Bf16Autocast(ctx.module), "bf16", "torch", "bf16 as configured" + note)
+        return Prepared(ctx.torch_predictor("Bf16Autocast"), "bf16", "torch", "bf16 as configured" + note)
     # int8
     why_not = ctx.features.int8_unsupported() or _onnx_missing()
     if why_not:
@@ -360,12 +370,10 @@ def _explicit(ctx: _Context, precision: str, runtime: str) -> Prepared:
     return Prepared(int8, "int8", "onnxruntime", "int8 as configured" + note)
 
 
-def _fp32(ctx: _Context, runtime: str) -> nn.Module:
+def _fp32(ctx: _Context, runtime: str) -> Predictor:
     if runtime == "onnxruntime":
-        from tagger.onnx_runtime import OrtModule
-
-        return OrtModule(_fp32_onnx(ctx))
-    return ChannelsLast(ctx.module)
+        return ctx.ort_predictor(_fp32_onnx(ctx))
+    return ctx.torch_predictor("ChannelsLast")
 
 
 def _fp32_onnx(ctx: _Context) -> Path:
@@ -374,11 +382,11 @@ def _fp32_onnx(ctx: _Context) -> Path:
     path = ctx.cache.path("fp32.onnx")
     if not path.is_file():
         log.info("exporting %s to %s", ctx.backbone.name, path)
-        export_onnx(ctx.module, ctx.backbone.crop, path)
+        export_onnx(ctx.module(), ctx.backbone.crop, path)
     return path
 
 
-def _int8_onnx(ctx: _Context, images: torch.Tensor | None = None) -> Path | None:
+def _int8_onnx(ctx: _Context, images: np.ndarray | None = None) -> Path | None:
     """The cached int8 model, quantized now (on ``images`` or the calibration photos) if missing."""
     from tagger.onnx_runtime import quantize_int8
 
@@ -392,7 +400,10 @@ def _int8_onnx(ctx: _Context, images: torch.Tensor | None = None) -> Path | None
         return None
     float_nodes = FLOAT_NODES.get(ctx.backbone.name, FLOAT_NODES_DEFAULT)
     log.info("quantizing %s to int8 on %d photos (takes a minute, once)", ctx.backbone.name, len(images))
-    quantize_int8(_fp32_onnx(ctx), path, images, float_nodes=float_nodes, reduce_range=reduce_range)
+    from tagger.preprocess import normalize_array
+
+    quantize_int8(_fp32_onnx(ctx), path, normalize_array(images, ctx.backbone),
+                  float_nodes=float_nodes, reduce_range=reduce_range)
     ctx.cache.write_json(f"{suffix}.json", {
         "calibration_images": len(images), "float_nodes": float_nodes, "reduce_range": reduce_range,
         "recheck_margin": RECHECK_MARGIN, "onnxruntime": _ort_version(),
@@ -400,13 +411,12 @@ def _int8_onnx(ctx: _Context, images: torch.Tensor | None = None) -> Path | None
     return path
 
 
-def _int8(ctx: _Context, images: torch.Tensor | None = None) -> nn.Module | None:
-    from tagger.onnx_runtime import OrtModule
-
+def _int8(ctx: _Context, images: np.ndarray | None = None) -> Predictor | None:
+    """int8 with the fp32 re-check, both in ONNX Runtime; None if it cannot be calibrated."""
     path = _int8_onnx(ctx, images)
     if path is None:
         return None
-    return Int8WithRecheck(OrtModule(path), OrtModule(_fp32_onnx(ctx)), ctx.recheck_margin)
+    return Int8WithRecheck(ctx.ort_predictor(path), ctx.ort_predictor(_fp32_onnx(ctx)), ctx.recheck_margin)
 
 
 def _ort_version() -> str:
@@ -445,25 +455,21 @@ def _auto(ctx: _Context, runtime: str) -> Prepared:
                         f"auto chose fp32: measuring agreement needs at least {2 * MIN_CALIBRATION} "
                         f"readable calibration photos, got {len(images)}")
 
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(ctx.threads)  # ONNX Runtime sessions created now take it too
-    try:
-        return _decide(ctx, runtime, candidates, skipped, calibrate, evaluate, decision_suffix)
-    finally:
-        torch.set_num_threads(previous_threads)
+    return _decide(ctx, runtime, candidates, skipped, calibrate, evaluate, decision_suffix)
 
 
 def _decide(ctx: _Context, runtime: str, candidates: list[str], skipped: list[str],
-            calibrate: torch.Tensor, evaluate: torch.Tensor, decision_suffix: str) -> Prepared:
-    reference = _top1(ctx.module, evaluate)
+            calibrate: np.ndarray, evaluate: np.ndarray, decision_suffix: str) -> Prepared:
+    reference = _top1(ctx.torch_predictor(), evaluate)
     agreement: dict[str, float] = {}
     speed: dict[str, float] = {}
-    modules: dict[str, nn.Module] = {}
+    predictors: dict[str, Predictor] = {}
     for precision in candidates:
-        module = _build_module(ctx, precision, runtime, calibrate)
-        modules[precision] = module
-        agreement[precision] = float((_top1(module, evaluate) == reference).float().mean())
-        speed[precision] = _ms_per_image(module, evaluate[:16])
+        predictor = _build_predictor(ctx, precision, runtime, calibrate)
+        predictor.use_threads(ctx.threads)  # timed on the thread count the tagger will use
+        predictors[precision] = predictor
+        agreement[precision] = float(np.mean(_top1(predictor, evaluate) == reference))
+        speed[precision] = _ms_per_image(predictor, evaluate[:16])
     good = [p for p in candidates
             if p == "fp32" or (agreement[p] >= AGREEMENT_THRESHOLD and speed["fp32"] / speed[p] >= MIN_SPEEDUP)]
     chosen = min(good, key=lambda p: speed[p])
@@ -479,48 +485,44 @@ def _decide(ctx: _Context, runtime: str, candidates: list[str], skipped: list[st
         "cpu": {"arch": ctx.features.arch, "flags": sorted(ctx.features.flags)},
     })
     effective_runtime = "onnxruntime" if chosen == "int8" else ("torch" if chosen == "bf16" else runtime)
-    return Prepared(modules[chosen], chosen, effective_runtime, reason,
+    return Prepared(predictors[chosen], chosen, effective_runtime, reason,
                     agreement=agreement[chosen], details={"agreement": agreement, "ms_per_image": speed})
 
 
-def _build_module(ctx: _Context, precision: str, runtime: str, calibrate: torch.Tensor) -> nn.Module:
+def _build_predictor(ctx: _Context, precision: str, runtime: str, calibrate: np.ndarray) -> Predictor:
     if precision == "int8":
-        module = _int8(ctx, calibrate)
-        assert module is not None  # enough photos was checked by the caller
-        return module
+        predictor = _int8(ctx, calibrate)
+        assert predictor is not None  # enough photos was checked by the caller
+        return predictor
     if precision == "bf16":
-        return Bf16Autocast(ctx.module)
+        return ctx.torch_predictor("Bf16Autocast")
     return _fp32(ctx, runtime)
 
 
 def _build(ctx: _Context, precision: str, runtime: str) -> Prepared | None:
     """A cached decision's precision; None if its int8 model is gone (then decide again)."""
     if precision == "int8":
-        from tagger.onnx_runtime import OrtModule
-
-        path = _int8_onnx(ctx, images=torch.empty(0))
-        if path is None:
+        predictor = _int8(ctx, images=_no_images(ctx.backbone))
+        if predictor is None:
             return None
-        return Prepared(Int8WithRecheck(OrtModule(path), OrtModule(_fp32_onnx(ctx)), ctx.recheck_margin),
-                        "int8", "onnxruntime", "")
+        return Prepared(predictor, "int8", "onnxruntime", "")
     if precision == "bf16":
-        return Prepared(Bf16Autocast(ctx.module), "bf16", "torch", "")
+        return Prepared(ctx.torch_predictor("Bf16Autocast"), "bf16", "torch", "")
     return Prepared(_fp32(ctx, runtime), "fp32", runtime, "")
 
 
-def _top1(module: nn.Module, images: torch.Tensor, batch: int = 8) -> torch.Tensor:
-    with torch.inference_mode():
-        return torch.cat([module(images[i:i + batch]).argmax(dim=1) for i in range(0, len(images), batch)])
+def _top1(predictor: Predictor, images: np.ndarray, batch: int = 8) -> np.ndarray:
+    return np.concatenate([predictor(images[i:i + batch]).argmax(axis=1)
+                           for i in range(0, len(images), batch)])
 
 
-def _ms_per_image(module: nn.Module, batch: torch.Tensor, runs: int = 5) -> float:
-    """Milliseconds per image of ``module`` on ``batch``: the fastest of ``runs`` runs after a
+def _ms_per_image(predictor: Predictor, batch: np.ndarray, runs: int = 5) -> float:
+    """Milliseconds per image of ``predictor`` on ``batch``: the fastest of ``runs`` runs after a
     warm-up (the minimum is the figure least disturbed by other processes)."""
     times = []
-    with torch.inference_mode():
-        module(batch)
-        for _ in range(runs):
-            start = time.perf_counter()
-            module(batch)
-            times.append(time.perf_counter() - start)
+    predictor(batch)
+    for _ in range(runs):
+        start = time.perf_counter()
+        predictor(batch)
+        times.append(time.perf_counter() - start)
     return min(times) / len(batch) * 1000

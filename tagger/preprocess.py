@@ -181,7 +181,9 @@ def resized_size(width: int, height: int, resize: int) -> tuple[int, int]:
 
 def preprocess(image: Image.Image, backbone: Backbone) -> torch.Tensor:
     """RGB image -> normalised float tensor (3, crop, crop), as ``reference_transform`` computes it."""
-    return normalize(to_uint8_tensor(resize_crop(image, backbone)), backbone)
+    import torch
+
+    return normalize(torch.from_numpy(to_uint8_array(resize_crop(image, backbone))), backbone)
 
 
 def resize_crop(image: Image.Image, backbone: Backbone) -> Image.Image:
@@ -201,11 +203,9 @@ def resize_crop(image: Image.Image, backbone: Backbone) -> Image.Image:
     return image.resize((crop, crop), _resample(backbone), box=box)
 
 
-def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB image -> (3, H, W) uint8 tensor; no torch computation, so it suits decode threads."""
-    import torch  # here, so that decoding alone (load_image) needs only Pillow
-
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+def to_uint8_array(image: Image.Image) -> np.ndarray:
+    """RGB image -> (3, H, W) uint8 array (a channels-first view); Pillow and numpy only."""
+    return np.array(image, dtype=np.uint8).transpose(2, 0, 1)
 
 
 def normalize(pixels: torch.Tensor, backbone: Backbone) -> torch.Tensor:
@@ -218,6 +218,18 @@ def normalize(pixels: torch.Tensor, backbone: Backbone) -> torch.Tensor:
     mean = torch.tensor(backbone.mean, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(backbone.std, dtype=torch.float32).view(3, 1, 1)
     return pixels.to(torch.float32).div_(255).sub_(mean).div_(std)
+
+
+def normalize_array(pixels: np.ndarray, backbone: Backbone) -> np.ndarray:
+    """``normalize`` in numpy (float32, the same operations in the same order): for runtimes
+    without torch."""
+    mean = np.asarray(backbone.mean, dtype=np.float32).reshape(3, 1, 1)
+    std = np.asarray(backbone.std, dtype=np.float32).reshape(3, 1, 1)
+    out = pixels.astype(np.float32)
+    out /= np.float32(255)
+    out -= mean
+    out /= std
+    return out
 
 
 def reference_transform(backbone: Backbone):

@@ -109,7 +109,7 @@ def test_results_match_the_model_run_by_hand(photos, resnet18_weights, tmp_path)
     results = list(tagger.tag_files(photos[:3], top=4))
     batch = torch.stack([preprocess(load_image(p, 256)[0], tagger.backbone) for p in photos[:3]])
     with torch.no_grad():
-        expected = tagger.model(batch).softmax(dim=1)
+        expected = tagger.predictor.module(batch).softmax(dim=1)
     for result, probs in zip(results, expected):
         top = probs.topk(4)
         assert [c.index for c in result.classes] == top.indices.tolist()
@@ -161,5 +161,5 @@ def test_fast_preprocessing_agrees_with_torchvision_on_real_photos(lite0, photos
     transform = reference_transform(lite0.backbone)
     batch = torch.stack([transform(reference_load(p)) for p in photos])
     with torch.inference_mode():
-        reference = lite0.model(batch).argmax(dim=1).tolist()
+        reference = lite0.predictor.module(batch).argmax(dim=1).tolist()
     assert fast == reference

@@ -19,9 +19,10 @@ from PIL import Image, ImageOps
 from tagger import onnx_runtime, precision
 from tagger.engine import Tagger
 from tagger.labels import load_label_map
-from tagger.precision import (Bf16Autocast, ChannelsLast, CpuFeatures, Int8WithRecheck,
-                              load_calibration, prepare_model, weights_fingerprint)
-from tagger.weights import load_model
+from tagger.precision import (CpuFeatures, Int8WithRecheck, load_calibration, prepare_model,
+                              weights_fingerprint)
+from tagger.torch_runtime import Bf16Autocast, ChannelsLast, TorchPredictor
+from tagger.weights import load_model, weights_path
 
 FIXTURES = Path(__file__).parent / "fixtures"
 # The photos agreement is checked on: the real fixture photos and camera samples.
@@ -59,38 +60,44 @@ def calibration_photos(tmp_path_factory) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def lite0():
-    backbone, model = load_model("efficientnet_lite0", cache_dir=Path("/nonexistent"))
-    return backbone, model
+    """EfficientNet-Lite0's backbone and real weights file (from its pip package)."""
+    backbone, _ = load_model("efficientnet_lite0", cache_dir=Path("/nonexistent"))
+    return backbone, weights_path(backbone, weights_file=None, cache_dir=Path("/nonexistent"))
 
 
 @pytest.fixture(scope="module")
-def check_batch(lite0) -> torch.Tensor:
+def lite0_model(lite0):
+    """The fp32 torch model, the reference."""
+    backbone, weights = lite0
+    return backbone.build(weights)
+
+
+@pytest.fixture(scope="module")
+def check_batch(lite0) -> np.ndarray:
     backbone, _ = lite0
     batch = load_calibration(backbone, CHECK_PHOTOS)
-    assert len(batch) == len(CHECK_PHOTOS) == 11
+    assert len(batch) == len(CHECK_PHOTOS) == 11 and batch.dtype == np.uint8
     return batch
 
 
 @pytest.fixture(scope="module")
-def fp32_top1(lite0, check_batch) -> torch.Tensor:
-    _, model = lite0
-    with torch.inference_mode():
-        return model(check_batch).argmax(dim=1)
+def fp32_top1(lite0, lite0_model, check_batch) -> np.ndarray:
+    backbone, _ = lite0
+    return TorchPredictor(lite0_model, backbone)(check_batch).argmax(axis=1)
 
 
 @pytest.fixture(scope="module")
 def int8_cache(tmp_path_factory, lite0, calibration_photos) -> Path:
     """A cache dir holding the int8 model, quantized once for the tests that only use it."""
-    backbone, model = lite0
+    backbone, weights = lite0
     folder = tmp_path_factory.mktemp("int8-cache")
-    prepare_model(backbone, model, "int8", cache_dir=folder, calibration=calibration_photos,
+    prepare_model(backbone, weights, "int8", cache_dir=folder, calibration=calibration_photos,
                   features=AVX2)
     return folder
 
 
-def top1(module, batch: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        return module(batch).argmax(dim=1)
+def top1(predictor, batch: np.ndarray) -> np.ndarray:
+    return predictor(batch).argmax(axis=1)
 
 
 # ------------------------------------------------------------------ CPU features and fallbacks
@@ -128,85 +135,82 @@ def test_feature_rules():
 @pytest.mark.parametrize("requested", ["int8", "auto"])
 def test_cpu_without_avx2_falls_back_to_fp32_with_reason(lite0, tmp_path, calibration_photos,
                                                          requested, caplog):
-    backbone, model = lite0
+    backbone, weights = lite0
     caplog.set_level("INFO", logger="tagger.precision")
-    prepared = prepare_model(backbone, model, requested, cache_dir=tmp_path,
+    prepared = prepare_model(backbone, weights, requested, cache_dir=tmp_path,
                              calibration=calibration_photos, features=NO_AVX2)
     assert prepared.precision == "fp32" and prepared.runtime == "torch"
-    assert isinstance(prepared.module, ChannelsLast)
+    assert isinstance(prepared.predictor, TorchPredictor)
+    assert isinstance(prepared.predictor.module, ChannelsLast)
     assert "no AVX2" in prepared.reason
     assert "no AVX2" in caplog.text  # the reason is logged
     assert not (tmp_path / "prepared").exists()  # nothing was quantized
 
 
 def test_bf16_without_native_support_falls_back(lite0, tmp_path):
-    backbone, model = lite0
-    prepared = prepare_model(backbone, model, "bf16", cache_dir=tmp_path, features=AVX2)
+    backbone, weights = lite0
+    prepared = prepare_model(backbone, weights, "bf16", cache_dir=tmp_path, features=AVX2)
     assert prepared.precision == "fp32"
     assert "no native bf16" in prepared.reason
 
 
 def test_int8_with_too_few_calibration_photos_falls_back(lite0, tmp_path, calibration_photos):
-    backbone, model = lite0
-    prepared = prepare_model(backbone, model, "int8", cache_dir=tmp_path,
+    backbone, weights = lite0
+    prepared = prepare_model(backbone, weights, "int8", cache_dir=tmp_path,
                              calibration=calibration_photos[:3], features=AVX2)
     assert prepared.precision == "fp32"
     assert "at least 8" in prepared.reason and "got 3" in prepared.reason
 
 
 def test_unknown_precision_is_an_error(lite0, tmp_path):
-    backbone, model = lite0
+    backbone, weights = lite0
     with pytest.raises(ValueError, match="precision must be one of"):
-        prepare_model(backbone, model, "fp16", cache_dir=tmp_path)
+        prepare_model(backbone, weights, "fp16", cache_dir=tmp_path)
 
 
 # ------------------------------------------------------------------ agreement with fp32
 
 
-def test_channels_last_fp32_gives_the_same_logits(lite0, check_batch, fp32_top1, tmp_path):
-    backbone, model = lite0
-    with torch.inference_mode():
-        expected = model(check_batch)
-    prepared = prepare_model(backbone, model, "fp32", cache_dir=tmp_path, features=AVX2)
-    with torch.inference_mode():
-        logits = prepared.module(check_batch)
-    torch.testing.assert_close(logits, expected, atol=1e-3, rtol=1e-3)
+def test_channels_last_fp32_gives_the_same_probabilities(lite0, lite0_model, check_batch, tmp_path):
+    backbone, _ = lite0
+    expected = TorchPredictor(lite0_model, backbone)(check_batch)
+    prepared = prepare_model(backbone, lite0[1], "fp32", cache_dir=tmp_path, features=AVX2)
+    np.testing.assert_allclose(prepared.predictor(check_batch), expected, atol=1e-4)
 
 
-def test_onnxruntime_fp32_gives_the_same_top1_as_torch(lite0, check_batch, fp32_top1, tmp_path):
-    backbone, model = lite0
-    prepared = prepare_model(backbone, model, "fp32", runtime="onnxruntime", cache_dir=tmp_path,
+def test_onnxruntime_fp32_gives_the_same_top1_as_torch(lite0, lite0_model, check_batch, fp32_top1, tmp_path):
+    backbone, weights = lite0
+    prepared = prepare_model(backbone, weights, "fp32", runtime="onnxruntime", cache_dir=tmp_path,
                              features=AVX2)
     assert prepared.runtime == "onnxruntime"
-    assert isinstance(prepared.module, onnx_runtime.OrtModule)
-    assert torch.equal(top1(prepared.module, check_batch), fp32_top1)
-    with torch.inference_mode():
-        torch.testing.assert_close(prepared.module(check_batch), model(check_batch), atol=1e-3, rtol=1e-3)
+    assert isinstance(prepared.predictor, onnx_runtime.OrtPredictor)
+    assert np.array_equal(top1(prepared.predictor, check_batch), fp32_top1)
+    probs = prepared.predictor(check_batch)
+    assert probs.dtype == np.float32 and probs.shape == (11, 1000)
+    np.testing.assert_allclose(probs, TorchPredictor(lite0_model, backbone)(check_batch), atol=1e-4)
 
 
 def test_bf16_gives_the_same_top1_as_fp32(lite0, check_batch, fp32_top1, tmp_path):
     """Where bf16 is native; here it is forced by passing such a CPU's flags (emulated: slow)."""
-    backbone, model = lite0
-    prepared = prepare_model(backbone, model, "bf16", cache_dir=tmp_path, features=AVX512_BF16)
-    assert prepared.precision == "bf16" and isinstance(prepared.module, Bf16Autocast)
-    batch = check_batch[:4]
-    with torch.inference_mode():
-        logits = prepared.module(batch)
-    assert logits.dtype == torch.float32
-    assert torch.equal(logits.argmax(dim=1), fp32_top1[:4])
+    backbone, weights = lite0
+    prepared = prepare_model(backbone, weights, "bf16", cache_dir=tmp_path, features=AVX512_BF16)
+    assert prepared.precision == "bf16" and isinstance(prepared.predictor.module, Bf16Autocast)
+    probs = prepared.predictor(check_batch[:4])
+    assert probs.dtype == np.float32
+    assert np.array_equal(probs.argmax(axis=1), fp32_top1[:4])
 
 
 def test_int8_gives_the_same_top1_as_fp32(lite0, check_batch, fp32_top1, int8_cache, calibration_photos):
-    backbone, model = lite0
-    prepared = prepare_model(backbone, model, "int8", cache_dir=int8_cache,
+    backbone, weights = lite0
+    prepared = prepare_model(backbone, weights, "int8", cache_dir=int8_cache,
                              calibration=calibration_photos, features=AVX2)
     assert prepared.precision == "int8" and prepared.runtime == "onnxruntime"
-    assert isinstance(prepared.module, Int8WithRecheck)
-    assert torch.equal(top1(prepared.module, check_batch), fp32_top1)
+    assert isinstance(prepared.predictor, Int8WithRecheck)
+    assert np.array_equal(top1(prepared.predictor, check_batch), fp32_top1)
     # The model really is quantized: its ONNX graph has int8 weights and QDQ pairs.
     import onnx
 
-    graph = onnx.load(str(prepared.module.int8.path)).graph
+    graph = onnx.load(str(prepared.predictor.int8.path)).graph
     ops = [node.op_type for node in graph.node]
     assert ops.count("QuantizeLinear") > 20 and ops.count("DequantizeLinear") > 40
     assert any(init.data_type == onnx.TensorProto.INT8 for init in graph.initializer)
@@ -214,30 +218,31 @@ def test_int8_gives_the_same_top1_as_fp32(lite0, check_batch, fp32_top1, int8_ca
 
 def test_int8_alone_mostly_agrees_and_recheck_only_touches_close_calls(lite0, check_batch, fp32_top1,
                                                                       int8_cache, calibration_photos):
-    backbone, model = lite0
-    prepared = prepare_model(backbone, model, "int8", cache_dir=int8_cache,
+    backbone, weights = lite0
+    prepared = prepare_model(backbone, weights, "int8", cache_dir=int8_cache,
                              calibration=calibration_photos, features=AVX2)
-    module = prepared.module
-    with torch.inference_mode():
-        raw = module.int8(check_batch)
-        final = module(check_batch)
-    assert (raw.argmax(dim=1) == fp32_top1).float().mean() >= 0.8
-    probs = raw.softmax(dim=1).topk(2, dim=1).values
-    close = (probs[:, 0] - probs[:, 1]) < module.margin
-    # Confident int8 answers are kept as they are; close calls carry fp32 logits.
-    torch.testing.assert_close(final[~close], raw[~close])
-    assert module.rechecked == int(close.sum()) and module.images == len(check_batch)
+    predictor = prepared.predictor
+    raw = predictor.int8(check_batch)
+    final = predictor(check_batch)
+    assert (raw.argmax(axis=1) == fp32_top1).mean() >= 0.8
+    top2 = np.sort(raw, axis=1)[:, -2:]
+    close = (top2[:, 1] - top2[:, 0]) < predictor.margin
+    # Confident int8 answers are kept as they are; close calls carry fp32 probabilities.
+    np.testing.assert_array_equal(final[~close], raw[~close])
+    np.testing.assert_allclose(final[close], predictor.fp32(check_batch[close]), atol=1e-6)
+    assert predictor.rechecked == int(close.sum()) and predictor.images == len(check_batch)
 
 
 def test_tagger_with_prepared_int8_model_tags_like_fp32(lite0, int8_cache, calibration_photos):
-    """The engine runs a prepared model unchanged (it is an nn.Module taking the same batch)."""
-    backbone, model = lite0
+    """The engine runs any prepared predictor the same way."""
+    backbone, weights = lite0
     labels = load_label_map()
-    reference = Tagger(backbone, model, labels, batch_size=4, threads=1, decode_threads=1)
+    reference = Tagger(backbone, TorchPredictor(backbone.build(weights), backbone), labels,
+                       batch_size=4, threads=1, decode_threads=1)
     expected = [r.classes[0].index for r in reference.tag_files(CHECK_PHOTOS, top=1)]
-    prepared = prepare_model(backbone, model, "int8", cache_dir=int8_cache,
+    prepared = prepare_model(backbone, weights, "int8", cache_dir=int8_cache,
                              calibration=calibration_photos, features=AVX2)
-    tagger = Tagger(backbone, prepared.module, labels, batch_size=4, threads=1, decode_threads=1)
+    tagger = Tagger(backbone, prepared.predictor, labels, batch_size=4, threads=1, decode_threads=1)
     results = list(tagger.tag_files(CHECK_PHOTOS, top=1))
     assert all(r.ok for r in results)
     assert [r.classes[0].index for r in results] == expected
@@ -249,12 +254,12 @@ def test_tagger_with_prepared_int8_model_tags_like_fp32(lite0, int8_cache, calib
 
 
 def test_prepared_int8_model_is_cached_and_reused(lite0, tmp_path, calibration_photos, monkeypatch):
-    backbone, model = lite0
-    first = prepare_model(backbone, model, "int8", cache_dir=tmp_path,
+    backbone, weights = lite0
+    first = prepare_model(backbone, weights, "int8", cache_dir=tmp_path,
                           calibration=calibration_photos, features=AVX2)
-    path = first.module.int8.path
+    path = first.predictor.int8.path
     assert path.parent == tmp_path / "prepared"
-    assert weights_fingerprint(model) in path.name
+    assert weights_fingerprint(weights) in path.name
     meta = json.loads(path.with_suffix(".json").read_text())
     assert meta["calibration_images"] == 16 and meta["reduce_range"] is True
     stamp = path.stat().st_mtime_ns
@@ -264,34 +269,32 @@ def test_prepared_int8_model_is_cached_and_reused(lite0, tmp_path, calibration_p
 
     monkeypatch.setattr(onnx_runtime, "quantize_int8", no_quantizing)
     monkeypatch.setattr(onnx_runtime, "export_onnx", no_quantizing)
-    second = prepare_model(backbone, model, "int8", cache_dir=tmp_path, calibration=(), features=AVX2)
-    assert second.precision == "int8" and second.module.int8.path == path
+    second = prepare_model(backbone, weights, "int8", cache_dir=tmp_path, calibration=(), features=AVX2)
+    assert second.precision == "int8" and second.predictor.int8.path == path
     assert path.stat().st_mtime_ns == stamp
 
 
-def test_changed_weights_invalidate_the_cache(lite0, tmp_path, calibration_photos):
-    backbone, model = lite0
-    first = prepare_model(backbone, model, "fp32", runtime="onnxruntime", cache_dir=tmp_path,
+def test_changed_weights_invalidate_the_cache(lite0, lite0_model, tmp_path, calibration_photos):
+    backbone, weights = lite0
+    first = prepare_model(backbone, weights, "fp32", runtime="onnxruntime", cache_dir=tmp_path,
                           features=AVX2)
     # The same architecture with one weight changed, saved and loaded through the real path.
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {k: v.clone() for k, v in lite0_model.state_dict().items()}
     state["_fc.bias"][0] += 1.0
-    weights = tmp_path / "efficientnet-lite0-changed.pth"
-    torch.save(state, weights)
-    _, changed = load_model("efficientnet_lite0", weights_file=weights, cache_dir=tmp_path)
+    changed = tmp_path / "efficientnet-lite0-changed.pth"
+    torch.save(state, changed)
     second = prepare_model(backbone, changed, "fp32", runtime="onnxruntime", cache_dir=tmp_path,
                            features=AVX2)
-    assert second.module.path != first.module.path
+    assert second.predictor.path != first.predictor.path
     assert len(list((tmp_path / "prepared").glob("*-fp32.onnx"))) == 2
-    with torch.inference_mode():
-        x = torch.zeros(1, 3, 224, 224)
-        assert float(second.module(x)[0, 0]) == pytest.approx(float(first.module(x)[0, 0]) + 1.0, abs=1e-3)
+    x = np.zeros((1, 3, 224, 224), dtype=np.float32)
+    assert float(second.predictor.logits(x)[0, 0]) == pytest.approx(float(first.predictor.logits(x)[0, 0]) + 1.0, abs=1e-3)
 
 
 def test_auto_decides_on_held_out_photos_and_caches_the_decision(lite0, tmp_path, calibration_photos,
                                                                 check_batch, fp32_top1, monkeypatch):
-    backbone, model = lite0
-    prepared = prepare_model(backbone, model, "auto", runtime="onnxruntime", cache_dir=tmp_path,
+    backbone, weights = lite0
+    prepared = prepare_model(backbone, weights, "auto", runtime="onnxruntime", cache_dir=tmp_path,
                              calibration=calibration_photos, features=AVX2)
     assert prepared.precision in ("int8", "fp32")
     assert "held-out photos" in prepared.reason and "no bf16" in prepared.reason
@@ -303,18 +306,18 @@ def test_auto_decides_on_held_out_photos_and_caches_the_decision(lite0, tmp_path
     assert decision["agreement"]["fp32"] == 1.0
     if prepared.precision == "int8":
         assert decision["agreement"]["int8"] >= precision.AGREEMENT_THRESHOLD
-    assert torch.equal(top1(prepared.module, check_batch), fp32_top1)
+    assert np.array_equal(top1(prepared.predictor, check_batch), fp32_top1)
 
     # Second start: the decision is read back, nothing is measured or quantized again.
     monkeypatch.setattr(precision, "_ms_per_image", lambda *a, **k: pytest.fail("measured again"))
-    again = prepare_model(backbone, model, "auto", runtime="onnxruntime", cache_dir=tmp_path,
+    again = prepare_model(backbone, weights, "auto", runtime="onnxruntime", cache_dir=tmp_path,
                           calibration=(), features=AVX2)
     assert again.precision == prepared.precision and "cached" in again.reason
 
 
 def test_auto_without_enough_photos_stays_fp32(lite0, tmp_path, calibration_photos):
-    backbone, model = lite0
-    prepared = prepare_model(backbone, model, "auto", cache_dir=tmp_path,
+    backbone, weights = lite0
+    prepared = prepare_model(backbone, weights, "auto", cache_dir=tmp_path,
                              calibration=calibration_photos[:10], features=AVX2)
     assert prepared.precision == "fp32"
     assert "at least 16" in prepared.reason
