@@ -16,15 +16,14 @@ or ``python benchmarks/photos.py [--count N] [--dest DIR]`` to just generate the
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-SIZE = (4032, 3024)
-QUALITY = 90
-NOISE_SIGMA = 5.0  # luminance grain, in 8-bit levels; chroma grain is half of it
+from tagger import sample_photos
+from tagger.sample_photos import QUALITY, SIZE, grainy_jpeg
+
 SOURCES = ("chelsea", "coffee", "astronaut", "rocket")
 VERSION = 1  # bump when the recipe changes, so that cached files are regenerated
 PHOTO_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif", ".tif", ".tiff", ".bmp", ".gif"}
@@ -42,8 +41,6 @@ def photo_name(index: int, size: tuple[int, int] = SIZE, quality: int = QUALITY)
 
 def make_photo(index: int, size: tuple[int, int] = SIZE, quality: int = QUALITY) -> bytes:
     """The JPEG bytes of photo number ``index`` (deterministic)."""
-    import io
-
     import skimage.data
 
     rng = np.random.default_rng(1000 + index)
@@ -58,31 +55,18 @@ def make_photo(index: int, size: tuple[int, int] = SIZE, quality: int = QUALITY)
     image = source.resize(size, Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
     if rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    pixels = np.asarray(image, dtype=np.float32)
-    grain = rng.standard_normal((size[1], size[0], 1), dtype=np.float32) * NOISE_SIGMA
-    grain = grain + rng.standard_normal((size[1], size[0], 3), dtype=np.float32) * (NOISE_SIGMA / 2)
-    pixels = np.clip(pixels + grain + 0.5, 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
+    return grainy_jpeg(image, rng, quality)
 
 
 def generate_photos(count: int, dest: Path | None = None, *, size: tuple[int, int] = SIZE,
                     quality: int = QUALITY, progress: bool = True) -> list[Path]:
     """Photos 0..count-1 in ``dest`` (default: the cache dir); existing files are reused."""
-    dest = Path(dest) if dest else default_cache_dir()
-    dest.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for index in range(count):
-        path = dest / photo_name(index, size, quality)
-        if not path.exists():
-            if progress:
-                print(f"generating {path} ({index + 1}/{count})", flush=True)
-            temp = path.with_suffix(".tmp")
-            temp.write_bytes(make_photo(index, size, quality))
-            os.replace(temp, path)  # never leave half a file behind
-        paths.append(path)
-    return paths
+    def announce(path: Path) -> None:
+        print(f"generating {path}", flush=True)
+
+    return sample_photos.generate_photos(count, Path(dest) if dest else default_cache_dir(),
+                                         size=size, quality=quality, make=make_photo,
+                                         name=photo_name, on_new=announce if progress else None)
 
 
 def folder_photos(folder: Path, count: int | None = None) -> list[Path]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,15 @@ def make_photo(index: int, size: tuple[int, int] = SIZE, quality: int = QUALITY)
         box = (x0, y0, x0 + w, y0 + h)
         (draw.ellipse if rng.random() < 0.6 else draw.rectangle)(box, fill=colour)
     scene = scene.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.5, 3.0))))
-    image = scene.resize(size, Image.Resampling.BICUBIC)
+    return grainy_jpeg(scene.resize(size, Image.Resampling.BICUBIC), rng, quality)
+
+
+def grainy_jpeg(image: Image.Image, rng: np.random.Generator, quality: int = QUALITY) -> bytes:
+    """``image`` with photographic grain (luminance, and chroma at half of it), as JPEG bytes.
+
+    The grain gives a photo's entropy, file size and decode cost to a smooth synthetic image.
+    """
+    width, height = image.size
     pixels = np.asarray(image, dtype=np.float32)
     grain = rng.standard_normal((height, width, 1), dtype=np.float32) * NOISE_SIGMA
     grain = grain + rng.standard_normal((height, width, 3), dtype=np.float32) * (NOISE_SIGMA / 2)
@@ -56,16 +65,25 @@ def make_photo(index: int, size: tuple[int, int] = SIZE, quality: int = QUALITY)
 
 
 def generate_photos(count: int, dest: Path, *, size: tuple[int, int] = SIZE,
-                    quality: int = QUALITY) -> list[Path]:
-    """Sample photos 0..count-1 in ``dest``; files already there are reused (they never change)."""
+                    quality: int = QUALITY, make: Callable[..., bytes] = make_photo,
+                    name: Callable[..., str] = photo_name,
+                    on_new: Callable[[Path], None] | None = None) -> list[Path]:
+    """Photos 0..count-1 in ``dest``; files already there are reused (they never change).
+
+    ``make(index, size, quality)`` and ``name(index, size, quality)`` give another recipe its own
+    photos (``benchmarks/photos.py`` makes them from real sample photos); ``on_new`` is called
+    with each file before it is generated.
+    """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     paths = []
     for index in range(count):
-        path = dest / photo_name(index, size, quality)
+        path = dest / name(index, size, quality)
         if not path.exists():
+            if on_new is not None:
+                on_new(path)
             temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            temp.write_bytes(make_photo(index, size, quality))
+            temp.write_bytes(make(index, size, quality))
             os.replace(temp, path)  # never leave half a file under the final name
         paths.append(path)
     return paths
