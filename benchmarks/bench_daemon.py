@@ -156,6 +156,8 @@ def run_daemon(work: Path, config: Path, photos: list[Path], idle_seconds: float
         peak = proc_status(proc.pid, "VmHWM")
         rss_idle = proc_status(proc.pid, "VmRSS")
         anon_idle = proc_status(proc.pid, "RssAnon")
+        with open(f"/proc/{proc.pid}/maps") as f:
+            torch_loaded = "libtorch" in f.read()
     finally:
         proc.terminate()
         try:
@@ -167,7 +169,7 @@ def run_daemon(work: Path, config: Path, photos: list[Path], idle_seconds: float
     batches = (work / "daemon.log").read_text().count("batch: ")
     return dict(rate=len(photos) / elapsed, elapsed=elapsed, copied=copied, peak=peak,
                 rss_before=rss_before, rss_idle=rss_idle, anon_idle=anon_idle, idle_cpu=idle_cpu,
-                exit=code, batches=batches)
+                exit=code, batches=batches, torch_loaded=torch_loaded)
 
 
 def torch_floor() -> tuple[int, int, str]:
@@ -191,6 +193,10 @@ def main() -> None:
                              "others are byte-level variants that decode the same")
     parser.add_argument("--size", default="2016x1512", help="generated photos' size (WxH)")
     parser.add_argument("--weights", type=Path, help="ResNet-18 weights (default: random)")
+    parser.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
+                        help="[model] runtime; with onnxruntime the index run prepares the ONNX "
+                             "model in the cache and the daemon then runs without torch")
+    parser.add_argument("--precision", default="fp32", help="[model] precision")
     parser.add_argument("--idle-seconds", type=float, default=60.0)
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args()
@@ -206,9 +212,11 @@ def main() -> None:
         photos = make_set(bases, args.count, work / "photos")
         weights = args.weights or random_weights(work / "resnet18-random.pth")
         config = work / "config.toml"
-        config.write_text(f'[model]\nweights = "{weights}"\n')
+        config.write_text(f'[model]\nweights = "{weights}"\nruntime = "{args.runtime}"\n'
+                          f'precision = "{args.precision}"\ncache_dir = "{work / "cache"}"\n')
         size_mb = sum(p.stat().st_size for p in photos) / len(photos) / 1e6
-        print(f"{len(photos)} photos, {size_mb:.1f} MB each on average, {os.cpu_count()} cores")
+        print(f"{len(photos)} photos, {size_mb:.1f} MB each on average, {os.cpu_count()} cores; "
+              f"runtime {args.runtime}, precision {args.precision}")
 
         index_rate, index_wall, line = run_index(work, config, photos)
         print(f"phototag index : {index_rate:6.1f} photos/s while tagging "
@@ -221,7 +229,8 @@ def main() -> None:
         floor_rss, floor_anon, version = torch_floor()
         print(f"daemon RSS     : peak {d['peak'] / 2**20:.0f} MB, {d['rss_before'] / 2**20:.0f} MB "
               f"idle before the drop, {d['rss_idle'] / 2**20:.0f} MB idle after "
-              f"({d['anon_idle'] / 2**20:.0f} MB of it anonymous)")
+              f"({d['anon_idle'] / 2**20:.0f} MB of it anonymous); torch loaded in the daemon: "
+              f"{'yes' if d['torch_loaded'] else 'no'}")
         print(f"torch alone    : {floor_rss / 2**20:.0f} MB RSS after `import torch` "
               f"({floor_anon / 2**20:.0f} MB anonymous), torch {version}")
         print(f"daemon idle CPU: {d['idle_cpu']:.2%} of one core over {args.idle_seconds:.0f} s")
