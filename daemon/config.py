@@ -80,6 +80,7 @@ class DaemonConfig:
     nightly: str = "0 3 * * *"  # cron expression of the nightly rescan / re-tag job
     retry_after: float = 600.0  # first retry of a failed photo, doubled on each failure
     watchdog_seconds: float = 0.0  # 0 = take systemd's WATCHDOG_USEC
+    stall_seconds: float = 600.0  # a batch without progress this long stops the watchdog pings
 
 
 @dataclass

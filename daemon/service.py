@@ -52,7 +52,6 @@ EX_CONFIG = 78
 EX_SIGNAL_TWICE = 130
 
 APPLY_CHUNK = 500  # watcher changes per write transaction
-STALL_LIMIT = 600.0  # a worker busy without progress this long stops the watchdog pings
 HEALTH_CHECK = 30.0  # main loop wake-up without a watchdog
 
 
@@ -366,7 +365,8 @@ class Daemon:
             if not self.worker.alive or not self.applier.alive:
                 log.error("a worker thread died; exiting so that the service is restarted")
                 return EX_FAILURE
-            stalled = self.worker.busy and time.monotonic() - self.worker.heartbeat > STALL_LIMIT
+            stalled = (self.worker.busy and time.monotonic() - self.worker.heartbeat
+                       > self.config.daemon.stall_seconds)
             if stalled:
                 log.error("the batch worker made no progress for %.0f s; not pinging the "
                           "watchdog", time.monotonic() - self.worker.heartbeat)

@@ -706,3 +706,46 @@ def test_reload_with_another_model_tags_new_photos_with_it(tmp_path, resnet18_we
         assert tagged(daemon.db, "first.jpg")["model"] == "resnet18"  # re-tagged only when asked
     finally:
         assert daemon.stop() == 0
+
+
+def test_a_stalled_batch_stops_the_watchdog_pings_and_loses_nothing(tmp_path, resnet18_weights):
+    """A photo whose read never returns (here a FIFO no one writes to, as a hung network share
+    would behave) blocks the batch worker: after ``stall_seconds`` the daemon stops pinging the
+    watchdog, so systemd kills and restarts it; the photos of that batch stay queued."""
+    album = tmp_path / "album"
+    write_jpeg(album / "seed.jpg", 1)
+    config = write_config(tmp_path / "config.toml", resnet18_weights, albums=[album])
+    config.write_text(config.read_text().replace("retry_after = 3600.0\n",
+                                                 "retry_after = 3600.0\nstall_seconds = 1.0\n"))
+    db = tmp_path / "p.db"
+    notify = NotifySocket(tmp_path / "notify.sock")
+    env = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "400000"}  # a ping every 0.2 s
+    daemon = DaemonProcess(tmp_path, config, db, env=env)
+    try:
+        daemon.wait_ready()
+        wait_until(lambda: tagged(db, "seed.jpg"), what="seed.jpg tagged")
+        os.mkfifo(album / "stuck.jpg")  # the scanner skips FIFOs: queue it as the scanner would
+        (root_id,) = db_rows(db, "select id from album_root")[0]
+        db_write(db, "insert into photo (root_id, relpath, size, mtime_ns, status, attempts, "
+                     "indexed_at) values (?, 'stuck.jpg', 0, 0, 'pending', 0, ?)",
+                 (root_id, datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")))
+        write_jpeg(album / "after.jpg", 2)  # its arrival wakes the worker
+        daemon.wait_log("the batch worker made no progress")
+        pings = sum(m == "WATCHDOG=1" for m in notify.messages)
+        time.sleep(1.5)
+        assert sum(m == "WATCHDOG=1" for m in notify.messages) == pings  # systemd would kill it
+        assert daemon.proc.poll() is None
+    finally:
+        daemon.kill()  # what systemd does when the watchdog times out
+        notify.close()
+    assert photo(db, "stuck.jpg")["status"] == "pending"
+    (album / "stuck.jpg").unlink()
+    write_jpeg(album / "stuck.jpg", 3)  # the share is back
+    restarted = DaemonProcess(tmp_path, config, db)
+    try:
+        restarted.wait_ready()
+        wait_until(lambda: tagged(db, "stuck.jpg") and tagged(db, "after.jpg"),
+                   what="both photos tagged after the restart")
+    finally:
+        assert restarted.stop() == 0
+    assert db_rows(db, "select count(*) from photo")[0][0] == 3
