@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import click
 
@@ -62,25 +62,49 @@ def _connection(app: App) -> Iterator[Connection]:
 
 
 class _Output:
-    """Binary stdout: paths are written as the bytes they have on disk (os.fsencode)."""
+    """Binary stdout for results, in chunks of a thousand lines: one write per chunk, not per
+    line, even when Python's output is unbuffered (PYTHONUNBUFFERED=1, as in some service
+    environments). Paths are written as the bytes they have on disk (os.fsencode).
+
+    Use as ``with _Output() as out:``; ``phototag search cat | head`` ends quietly when head
+    stops reading.
+    """
+
+    CHUNK = 1000
 
     def __init__(self) -> None:
         self.stream = sys.stdout.buffer
+        self._pending: list[bytes] = []
 
     def write(self, text: str) -> None:
-        self.stream.write(text.encode("utf-8", "surrogateescape"))
+        self._add(text.encode("utf-8", "surrogateescape"))
 
     def write_path(self, path: str, end: bytes) -> None:
-        self.stream.write(os.fsencode(path) + end)
+        self._add(os.fsencode(path) + end)
 
+    def _add(self, data: bytes) -> None:
+        self._pending.append(data)
+        if len(self._pending) >= self.CHUNK:
+            self.flush()
 
-@contextmanager
-def _quiet_broken_pipe() -> Iterator[None]:
-    """``phototag search cat | head`` must end quietly when head stops reading."""
-    try:
-        yield
-        sys.stdout.flush()
-    except BrokenPipeError:
+    def flush(self) -> None:
+        self.stream.write(b"".join(self._pending))
+        self._pending.clear()
+        self.stream.flush()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind, error, _traceback) -> bool:
+        try:
+            if error is None:
+                self.flush()
+                return False
+            if not isinstance(error, BrokenPipeError):
+                return False
+        except BrokenPipeError:
+            pass
+        # The reader went away: stop quietly, and keep Python's final flush from failing too.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(0)
@@ -217,8 +241,7 @@ def search(app: App, query: tuple[str, ...], as_json: bool, fmt: str | None, lim
             fail(str(e), 1)
         tags = tags_of(connection, [h.id for h in hits]) if as_json or "tags" in fields else {}
 
-    out = _Output()
-    with _quiet_broken_pipe():
+    with _Output() as out:
         if as_json:
             records = [{
                 "path": h.path,
@@ -287,8 +310,7 @@ def tags(app: App, show_all: bool, as_json: bool) -> None:
     rows = [(counts.get(tag_id, 0), name, zh, sorted(broader.get(tag_id, [])))
             for tag_id, name, zh in all_tags if show_all or counts.get(tag_id)]
     rows.sort(key=lambda r: (-r[0], r[1]))
-    out = _Output()
-    with _quiet_broken_pipe():
+    with _Output() as out:
         if as_json:
             out.write(json.dumps([{"name": n, "zh": zh, "photos": c, "broader": b}
                                   for c, n, zh, b in rows], ensure_ascii=False, indent=2) + "\n")
@@ -348,8 +370,7 @@ def show(app: App, file: str, as_json: bool) -> None:
             "tags": [{"name": t.name, "zh": t.zh, "score": t.score, "source": t.source}
                      for t in tag_rows],
         }
-    out = _Output()
-    with _quiet_broken_pipe():
+    with _Output() as out:
         if as_json:
             out.write(json.dumps(info, ensure_ascii=False, indent=2) + "\n")
             return
@@ -416,8 +437,7 @@ def status(app: App, as_json: bool) -> None:
         "library_mapping_version": facts.get("mapping_version"),
         "last_nightly_run": last_nightly,
     }
-    out = _Output()
-    with _quiet_broken_pipe():
+    with _Output() as out:
         if as_json:
             out.write(json.dumps(info, ensure_ascii=False, indent=2) + "\n")
             return

@@ -304,3 +304,19 @@ def test_help_lists_every_command_without_importing_them():
     listed = result.stdout.split("Commands:")[1].split("LOADED")[0]
     names = [line.split()[0] for line in listed.splitlines() if line[2:3].strip()]  # not wrapped
     assert names == list(COMMANDS)
+
+
+@pytest.mark.parametrize("args", [["search", "cat"], ["search", "animal", "--json"], ["tags"]])
+def test_a_reader_that_went_away_ends_the_command_quietly(lib, args):
+    """`phototag search cat | head -1`: the pipe's reader is gone (here before the first write):
+    exit 0, no traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        phototag = str(Path(sys.executable).parent / "phototag")
+        result = subprocess.run([phototag, "--db", lib[0], *args], stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
