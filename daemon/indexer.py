@@ -203,9 +203,10 @@ def reconcile(engine: Engine, folder: Path, photos: PhotoFilter, *,
             summary.new_keys.update((root_id, relpath) for relpath, _, _ in rows)
     for chunk in chunks(changed, WRITE_CHUNK):
         with write_session(engine) as session:
-            for photo_id, size, mtime_ns in chunk:
-                library.mark_changed(session, photo_id, size, mtime_ns)
-        summary.changed += len(chunk)
+            queued = sum(library.mark_changed(session, photo_id, size, mtime_ns)
+                         for photo_id, size, mtime_ns in chunk)
+        summary.changed += queued
+        summary.unchanged += len(chunk) - queued
     return Reconciled(root_id, root_path, under, available, set(scan.files), scan.unreadable)
 
 

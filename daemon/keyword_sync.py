@@ -2,13 +2,13 @@
 
 Writing (``write_photo``, ``write_due``): a photo's model tags become keyword paths through the
 tag hierarchy (``cat`` -> ``("animal", "cat")``) and go to its sidecar or embedded XMP via
-``storage.keywords.write_keywords``. Each photo is written inside its own short write transaction
-and its row updated in the same one: the leaves phototag now owns (``written_keywords``, so the
-next write replaces only those) and, after an embedded write, the file's new size and content
-hash (its mtime is kept), so that the scanner and the watcher do not take our own write for a
-user's edit and tag the photo again, in a loop. Holding the write lock across the file write
-means a scanner that compares sizes inside its own write transaction sees either the old file
-and the old row, or the new file and the new row.
+``storage.keywords.write_keywords``. Afterwards the photo's row records the leaves phototag now
+owns (``written_keywords``, so the next write replaces only those) and, after an embedded write,
+the file's new size and content hash (its mtime is kept), so that the scanner and the watcher do
+not take our own write for a user's edit and tag the photo again, in a loop. The new size and
+hash are committed as ``own_write`` just before the rewrite is renamed into place: a scanner that
+meets the new file before the write is recorded (another thread, another process, or the next
+start after a crash in between) recognises it as ours (``storage.library.adopt_own_write``).
 
 ``keywords_written_at`` is when phototag last wrote, or tried to write, a photo's keywords; a
 photo tagged after that is due (``due_photo_ids``). A failed write is not retried until the
@@ -22,7 +22,6 @@ source ``keyword``, so that ``phototag search`` finds photos by the user's own k
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -58,7 +57,6 @@ from storage.models import (
 log = logging.getLogger(__name__)
 
 OFF = "off"
-HASH_NAME = "sha256"  # the same digest daemon.scan stores in Photo.content_hash
 KEYWORD_SCORE = 1.0  # a keyword the user set is certain
 
 Broader = Mapping[str, Sequence[str]]  # tag name -> its broader tags, main one first
@@ -190,7 +188,6 @@ def write_photo(engine: Engine, photo_id: int, *, mode: str, sidecar_name: str,
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-    failure: KeywordWriteError | None = None
     with write_session(engine) as session:
         photo = session.get(Photo, photo_id)
         if photo is None or photo.status != TAGGED:
@@ -198,34 +195,54 @@ def write_photo(engine: Engine, photo_id: int, *, mode: str, sidecar_name: str,
         if paths is None:
             paths = tag_paths(session, broader)
         planned = target(session, photo, paths, broader)
-        try:
-            written = write_keywords(
-                planned.path, planned.keywords, mode=mode, previous=planned.previous,
-                sidecar_name=sidecar_name, expect_size=planned.size,
-                expect_mtime_ns=planned.mtime_ns)
-        except KeywordWriteError as exc:
-            failure = exc
-        else:
-            photo.written_keywords = json.dumps(written.keywords, ensure_ascii=False)
-            if written.mode == EMBEDDED:
-                _record_own_write(photo, written)
-        photo.keywords_written_at = library.utcnow()
+    # A photo tagged again from here on is due for another write (see due_photo_ids).
+    planned_at = library.utcnow()
+
+    def record_intent(size: int, sha256: str) -> None:
+        """Runs just before an embedded rewrite is renamed into place: see Photo.own_write."""
+        with write_session(engine) as session:
+            photo = session.get(Photo, photo_id)
+            if photo is None:
+                raise KeywordWriteError(planned.path, "left the index while writing; not written")
+            photo.own_write = library.own_write_facts(size, sha256)
+
+    written: WrittenKeywords | None = None
+    failure: KeywordWriteError | None = None
+    try:
+        written = write_keywords(
+            planned.path, planned.keywords, mode=mode, previous=planned.previous,
+            sidecar_name=sidecar_name, expect_size=planned.size,
+            expect_mtime_ns=planned.mtime_ns, before_replace=record_intent)
+    except KeywordWriteError as exc:
+        failure = exc
+    with write_session(engine) as session:
+        photo = session.get(Photo, photo_id)
+        if photo is not None:
+            if written is not None:
+                photo.written_keywords = json.dumps(written.keywords, ensure_ascii=False)
+                if written.mode == EMBEDDED:
+                    _record_own_write(photo, written)
+            photo.own_write = None
+            photo.keywords_written_at = planned_at
     if failure is not None:
         raise failure
     return written
 
 
 def _record_own_write(photo: Photo, written: WrittenKeywords) -> None:
-    """The photo file is now our rewrite: store its facts so no scanner sees a user's edit."""
+    """The photo file is now our rewrite: store its facts so no scanner sees a user's edit.
+
+    Unless a scanner got there first: it then either adopted our write already (own_write
+    cleared, the same facts) or found the file changed again and queued it (own_write cleared,
+    the newer facts), and either way its facts stand.
+    """
+    assert written.sha256 is not None  # an embedded rewrite
+    if photo.own_write != library.own_write_facts(written.size, written.sha256):
+        return
     photo.size = written.size
     photo.mtime_ns = written.mtime_ns
     if photo.content_hash is not None:
-        try:
-            with open(written.photo, "rb") as f:
-                photo.content_hash = hashlib.file_digest(f, HASH_NAME).hexdigest()
-        except OSError as exc:  # gone again already: the scanner will notice
-            log.warning("%s: not hashed after writing keywords (%s)", written.photo, exc)
-            photo.content_hash = None
+        photo.content_hash = written.sha256
 
 
 def write_photos(engine: Engine, photo_ids: Iterable[int], *, mode: str, sidecar_name: str,

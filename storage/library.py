@@ -226,6 +226,8 @@ def upsert_seen_file(session: Session, root: AlbumRoot, relpath: str, size: int,
         return photo, Change.NEW
     if photo.size == size and photo.mtime_ns == mtime_ns:
         return photo, Change.UNCHANGED
+    if adopt_own_write(photo, size, mtime_ns):
+        return photo, Change.UNCHANGED
     _mark_changed(photo, size, mtime_ns)
     session.flush()
     return photo, Change.CHANGED
@@ -241,11 +243,38 @@ def add_new_files(session: Session, root: AlbumRoot, files: Iterable[tuple[str, 
     return len(rows)
 
 
-def mark_changed(session: Session, photo_id: int, size: int, mtime_ns: int) -> None:
-    """The file at a known path has new content: queue it again (its old tags stay until then)."""
+def mark_changed(session: Session, photo_id: int, size: int, mtime_ns: int) -> bool:
+    """The file at a known path has new content: queue it again (its old tags stay until then).
+
+    False if it was not queued: the row is gone, or the change is phototag's own keyword write.
+    """
     photo = session.get(Photo, photo_id)
-    if photo is not None:
-        _mark_changed(photo, size, mtime_ns)
+    if photo is None or adopt_own_write(photo, size, mtime_ns):
+        return False
+    _mark_changed(photo, size, mtime_ns)
+    return True
+
+
+def own_write_facts(size: int, content_hash: str) -> str:
+    """The ``Photo.own_write`` value for a rewrite of ``size`` bytes with this content hash."""
+    return f"{size} {content_hash}"
+
+
+def adopt_own_write(photo: Photo, size: int, mtime_ns: int) -> bool:
+    """If the file's new size and mtime are those of phototag's own keyword rewrite (recorded in
+    ``own_write`` before its rename; the rewrite keeps the mtime), take them as the photo's facts
+    and return True: the photo keeps its tags and is not re-tagged. This is what makes a crash
+    between the rename and the commit of that write harmless."""
+    if not photo.own_write or mtime_ns != photo.mtime_ns:
+        return False
+    own_size, own_hash = photo.own_write.split(" ", 1)
+    if int(own_size) != size:
+        return False
+    photo.size = size
+    if photo.content_hash is not None:
+        photo.content_hash = own_hash
+    photo.own_write = None
+    return True
 
 
 def _new_photo(root_id: int, relpath: str, size: int, mtime_ns: int) -> Photo:
@@ -256,6 +285,7 @@ def _new_photo(root_id: int, relpath: str, size: int, mtime_ns: int) -> Photo:
 def _mark_changed(photo: Photo, size: int, mtime_ns: int) -> None:
     photo.size = size
     photo.mtime_ns = mtime_ns
+    photo.own_write = None  # whatever phototag was writing, the file is now someone else's
     photo.content_hash = None
     photo.status = PENDING
     photo.error = None

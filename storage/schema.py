@@ -73,6 +73,9 @@ photo = Table(
     # so that a re-tag replaces only those and never a keyword the user set.
     Column("written_keywords", Text),
     Column("keywords_written_at", DateTime),
+    # "<size> <sha256>" of phototag's keyword rewrite of this JPEG while it is being put in place
+    # (committed before the rename, cleared after): a file that matches it is phototag's own write.
+    Column("own_write", String(100)),
     UniqueConstraint("root_id", "relpath", name="uq_photo_root_relpath"),
     Index("ix_photo_status_retry", "status", "retry_at"),
     Index("ix_photo_content_hash", "content_hash"),

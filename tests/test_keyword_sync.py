@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -225,6 +226,77 @@ def test_embedded_write_updates_size_and_hash_keeps_mtime(lib):
         root, relpath = library.locate(s, sony)
         _, change = library.upsert_seen_file(s, root, relpath, st.st_size, st.st_mtime_ns)
     assert change is library.Change.UNCHANGED
+
+
+class SimulatedCrash(BaseException):
+    """Stands for the process being killed (SIGKILL, power cut): no except clause catches it."""
+
+
+def crash_right_after_the_rename(monkeypatch) -> None:
+    """Kill (simulated) the writer just after its rewrite is renamed into place, before the write
+    is recorded: the folder fsync that follows the rename is where it dies."""
+    import storage.keywords.atomic
+
+    def die(_folder):
+        raise SimulatedCrash
+
+    monkeypatch.setattr(storage.keywords.atomic, "_fsync_dir", die)
+
+
+@pytest.mark.parametrize("scanner", ["reconcile", "watcher"])
+def test_a_crash_between_rename_and_commit_is_still_our_write(lib, monkeypatch, scanner):
+    """The photo on disk is our rewrite, its row still has the old size: the scanner (the start-up
+    reconcile or the watcher's check) recognises the write as phototag's own (own_write, committed
+    before the rename) and takes the new facts without queueing the photo to be tagged again."""
+    from daemon import indexer
+    from daemon.config import Config
+
+    sony = lib.files["trip/sony.jpg"]
+    old = lib.photo("trip/sony.jpg")
+    crash_right_after_the_rename(monkeypatch)
+    with pytest.raises(SimulatedCrash):
+        keyword_sync.write_photo(lib.engine, old.id, mode="embedded", sidecar_name="append")
+    monkeypatch.undo()
+    st = sony.stat()
+    assert st.st_size != old.size and sorted(exiftool_keywords(sony)["subject"]) == ["sled", "snow"]
+    row = lib.photo("trip/sony.jpg")
+    assert row.size == old.size and row.own_write is not None  # the write was not recorded
+
+    if scanner == "reconcile":
+        done = indexer.reconcile(lib.engine, lib.root, indexer.photo_filter(Config()))
+        assert done is not None
+    else:
+        with write_session(lib.engine) as s:
+            root, relpath = library.locate(s, sony)
+            _, change = library.upsert_seen_file(s, root, relpath, st.st_size, st.st_mtime_ns)
+        assert change is library.Change.UNCHANGED
+    photo = lib.photo("trip/sony.jpg")
+    assert photo.status == "tagged" and photo.tagged_at == old.tagged_at  # not queued again
+    assert (photo.size, photo.mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert photo.content_hash == hashlib.sha256(sony.read_bytes()).hexdigest()
+    assert photo.own_write is None
+
+
+def test_after_a_crashed_write_a_users_edit_is_still_an_edit(lib, monkeypatch):
+    """own_write names the exact file phototag wrote: any other change (the user's own edit,
+    another size) queues the photo as usual, and clears own_write."""
+    sony = lib.files["trip/sony.jpg"]
+    old = lib.photo("trip/sony.jpg")
+    crash_right_after_the_rename(monkeypatch)
+    with pytest.raises(SimulatedCrash):
+        keyword_sync.write_photo(lib.engine, old.id, mode="embedded", sidecar_name="append")
+    monkeypatch.undo()
+    mtime = sony.stat().st_mtime_ns
+    with open(sony, "ab") as f:
+        f.write(b"\0" * 100)  # bytes after EOI: another file, same mtime as ours
+    os.utime(sony, ns=(mtime, mtime))
+    st = sony.stat()
+    with write_session(lib.engine) as s:
+        root, relpath = library.locate(s, sony)
+        _, change = library.upsert_seen_file(s, root, relpath, st.st_size, st.st_mtime_ns)
+    assert change is library.Change.CHANGED
+    photo = lib.photo("trip/sony.jpg")
+    assert photo.status == "pending" and photo.own_write is None
 
 
 def test_retag_replaces_only_our_keywords_and_keeps_the_users(lib):

@@ -62,6 +62,15 @@ def dump(path: Path) -> dict[str, list[tuple]]:
                 for table in ("album_root", "photo", "tag", "tag_parent", "photo_tag", "meta")}
 
 
+def dump_without_new_columns(path: Path) -> dict[str, list[tuple]]:
+    """``dump`` of a database upgraded from 0001, without the columns added since (which must
+    be empty): photo.own_write (0004), the last column."""
+    tables = dump(path)
+    assert {row[-1] for row in tables["photo"]} == {None}
+    tables["photo"] = [row[:-1] for row in tables["photo"]]
+    return tables
+
+
 def test_migrations_form_one_line_of_history():
     script = ScriptDirectory(str(MIGRATIONS_DIR))
     assert len(script.get_heads()) == 1
@@ -90,7 +99,7 @@ def test_upgrading_an_old_database_keeps_its_data(tmp_path):
     engine = make_engine(f"sqlite:///{path}")
     backup = upgrade(engine, backup=True)
 
-    assert dump(path) == before  # every row, photo_tag included
+    assert dump_without_new_columns(path) == before  # every row, photo_tag included
     with engine.connect() as connection:
         assert MigrationContext.configure(connection).get_current_revision() == head_revision()
         columns = {c["name"]: c["type"] for c in inspect(connection).get_columns("photo")}
@@ -135,7 +144,7 @@ def test_downgrade_and_upgrade_again(tmp_path):
     fill_old_database(path)
     before = dump(path)
     upgrade(engine)
-    assert dump(path) == before
+    assert dump_without_new_columns(path) == before
 
 
 def test_migrations_render_for_postgresql():

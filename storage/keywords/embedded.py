@@ -6,6 +6,7 @@ byte for byte and checked again on the written temp file before it replaces the 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Collection
@@ -28,6 +29,7 @@ class EmbeddedResult:
     xpkeywords: bool
     notes: list[str]
     size: int
+    sha256: str  # of the new file's bytes
 
 
 def write_embedded(
@@ -37,8 +39,13 @@ def write_embedded(
     keywords: list[KeywordPath],
     previous: Collection[str],
     photo_unchanged: Callable[[], None],
+    before_replace: Callable[[int, str], None] | None = None,
 ) -> EmbeddedResult:
-    """Rewrite ``photo`` (whose current bytes are ``data``) with the keywords embedded."""
+    """Rewrite ``photo`` (whose current bytes are ``data``) with the keywords embedded.
+
+    ``before_replace(size, sha256)`` is called with the new file's facts after every check, just
+    before the rename; if it raises, the photo is left as it was.
+    """
     try:
         parts = jpeg.split(data)
     except jpeg.JpegError as exc:
@@ -109,6 +116,13 @@ def write_embedded(
     def verify(tmp: Path) -> None:
         _verify(photo, tmp, parts, new_segments, subjects, expect_xp)
 
+    new_sha256 = hashlib.sha256(new_data).hexdigest()
+
+    def last_check() -> None:
+        photo_unchanged()
+        if before_replace is not None:
+            before_replace(len(new_data), new_sha256)
+
     try:
         replace_atomically(
             photo,
@@ -117,11 +131,11 @@ def write_embedded(
             owner=(photo_stat.st_uid, photo_stat.st_gid),
             times_ns=(photo_stat.st_atime_ns, photo_stat.st_mtime_ns),
             verify=verify,
-            unchanged=photo_unchanged,
+            unchanged=last_check,
         )
     except OSError as exc:
         raise KeywordWriteError(photo, f"could not write ({exc.strerror or exc}); not changed")
-    return EmbeddedResult(owned, xpkeywords, notes, len(new_data))
+    return EmbeddedResult(owned, xpkeywords, notes, len(new_data), new_sha256)
 
 
 def _xmp_segment(photo: Path, doc: xmp.XmpDoc) -> jpeg.Segment:

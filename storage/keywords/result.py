@@ -36,3 +36,4 @@ class WrittenKeywords:
     mtime_ns: int
     xpkeywords: bool = False  # EXIF XPKeywords written too
     notes: list[str] = field(default_factory=list)  # e.g. why XPKeywords or embedding was skipped
+    sha256: str | None = None  # embedded: the content hash of the rewritten photo

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 from . import exif, jpeg, xmp
@@ -32,6 +32,7 @@ def write_keywords(
     sidecar_name: str = APPEND,
     expect_size: int | None = None,
     expect_mtime_ns: int | None = None,
+    before_replace: Callable[[int, str], None] | None = None,
 ) -> WrittenKeywords:
     """Write ``tags`` (``"cat"`` or paths like ``("animal", "cat")``) as the photo's keywords.
 
@@ -40,6 +41,9 @@ def write_keywords(
     ``previous``: the leaves phototag wrote last time (WrittenKeywords.keywords) — only those and
     hierarchical keywords under the ``phototag`` root are replaced. ``expect_size`` /
     ``expect_mtime_ns``: the photo as it was tagged; if it changed, nothing is written.
+    ``before_replace(size, sha256)``: for an embedded rewrite, called with the new photo's size
+    and content hash just before it is renamed into place (to record the write as one's own
+    first); if it raises, nothing is written.
 
     Raises KeywordWriteError (``"<path>: <reason>"``) and then nothing was changed.
     """
@@ -68,7 +72,8 @@ def write_keywords(
     notes: list[str] = []
     if mode == EMBEDDED:
         if _has_jpeg_magic(photo):
-            return _write_embedded(photo, keywords, previous, expect_size, expect_mtime_ns)
+            return _write_embedded(photo, keywords, previous, expect_size, expect_mtime_ns,
+                                   before_replace)
         notes.append("not a JPEG: keywords written to a sidecar instead")
 
     try:
@@ -118,6 +123,7 @@ def _write_embedded(
     previous: list[str],
     expect_size: int | None,
     expect_mtime_ns: int | None,
+    before_replace: Callable[[int, str], None] | None = None,
 ) -> WrittenKeywords:
     if photo.is_symlink():
         raise KeywordWriteError(photo, "is a symbolic link; embedded keywords not written")
@@ -139,7 +145,7 @@ def _write_embedded(
         raise KeywordWriteError(photo, f"has {st.st_nlink} hard links; not written")
 
     photo_unchanged = _unchanged_guard(photo, st)
-    result = write_embedded(photo, data, st, keywords, previous, photo_unchanged)
+    result = write_embedded(photo, data, st, keywords, previous, photo_unchanged, before_replace)
     return WrittenKeywords(
         photo,
         photo,
@@ -149,6 +155,7 @@ def _write_embedded(
         st.st_mtime_ns,
         xpkeywords=result.xpkeywords,
         notes=result.notes,
+        sha256=result.sha256,
     )
 
 
