@@ -44,6 +44,15 @@ class PhotoFilter:
         return bool(parts) and self.wanted_name(parts[-1]) and not any(
             self.excluded_name(part) for part in parts[:-1])
 
+    def wanted_sidecar(self, relpath: str) -> bool:
+        """An XMP sidecar (``IMG_1.jpg.xmp``, ``IMG_1.xmp``) outside the excluded folders: the
+        daemon follows them to pick up keywords the user edits in digiKam, darktable..."""
+        from storage.keywords import is_sidecar_name
+
+        parts = PurePosixPath(relpath).parts
+        return bool(parts) and is_sidecar_name(parts[-1]) and not any(
+            self.excluded_name(part) for part in parts)
+
 
 @dataclass(frozen=True)
 class FileStat:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from daemon import indexer
+from daemon import indexer, keyword_sync
 from daemon.config import AlbumConfig, Config, ConfigError, load_config
 from daemon.notify import Notifier, watchdog_interval
 from daemon.scheduler import (
@@ -43,6 +43,8 @@ from daemon.watcher import AlbumWatcher, Change, is_network_fs, mount_fstype
 from daemon.worker import BatchWorker, nightly
 from storage import library
 from storage.db import DatabaseError, read_session, sqlite_path, write_session
+from storage.keywords import is_sidecar_name, photos_of_sidecar
+from storage.models import TAGGED
 
 log = logging.getLogger("phototag.daemon")
 
@@ -199,6 +201,12 @@ class ChangeApplier:
 
     def _apply(self, session, change: Change) -> bool:
         """Apply one change inside the open transaction; True if a photo became pending."""
+        sidecars = [path for path in (change.path, change.dest)
+                    if path is not None and is_sidecar_name(path.name)]
+        if sidecars and change.kind in ("ready", "moved", "deleted"):
+            for sidecar in sidecars:
+                self._sidecar_changed(session, sidecar)
+            return False
         if change.kind == "ready":
             return self._seen(session, change.path)
         if change.kind == "moved":
@@ -227,6 +235,19 @@ class ChangeApplier:
                     log.info("removed %d photos of deleted folder %s", len(removed), change.path)
             return False
         raise ValueError(f"unknown change {change.kind!r}")
+
+    def _sidecar_changed(self, session, sidecar: Path) -> None:
+        """A sidecar was written, replaced or deleted (by the user's photo manager, or by us):
+        read the keywords of its tagged photos again. (A photo not tagged yet gets them when it
+        is tagged.)"""
+        if self.photo_filter is None:
+            return
+        for path in photos_of_sidecar(sidecar, self.photo_filter.extensions):
+            found = library.locate(session, path)
+            photo = library.photo_at(session, *found) if found else None
+            if photo is not None and photo.status == TAGGED:
+                names = keyword_sync.import_keywords(session, photo.id, path)
+                log.debug("keywords of %s from %s: %s", path, sidecar.name, ", ".join(names))
 
     def _seen(self, session, path: Path) -> bool:
         try:

@@ -88,9 +88,11 @@ def _relpath(root: Path, path: Path) -> str | None:
         return None  # outside the root
 
 
-def is_photo(photo_filter: PhotoFilter, root: Path, path: Path) -> bool:
+def is_watched(photo_filter: PhotoFilter, root: Path, path: Path) -> bool:
+    """A photo, or an XMP sidecar (reported like a photo; the receiver tells them apart)."""
     relpath = _relpath(root, path)
-    return relpath is not None and photo_filter.wanted(relpath)
+    return relpath is not None and (photo_filter.wanted(relpath)
+                                    or photo_filter.wanted_sidecar(relpath))
 
 
 def is_excluded(photo_filter: PhotoFilter, root: Path, path: Path) -> bool:
@@ -551,7 +553,7 @@ class AlbumWatcher:
     def _on_event(self, root: WatchedRoot, event: FileSystemEvent) -> None:
         src = Path(os.fsdecode(event.src_path))
         def photo(root_path: Path, path: Path) -> bool:
-            return is_photo(self.photo_filter, root_path, path)
+            return is_watched(self.photo_filter, root_path, path)
 
         if isinstance(event, FileMovedEvent):
             dest = Path(os.fsdecode(event.dest_path))

@@ -495,6 +495,45 @@ def test_keywords_written_to_sidecars_after_each_batch(running):
     assert names <= set(exiftool_keywords(sidecar)), (names, exiftool_keywords(sidecar))
 
 
+def keyword_tags(db: Path, relpath: str) -> set[str]:
+    """The tags a photo has from keywords found in its files (source 'keyword')."""
+    return {name for (name,) in db_rows(
+        db, "select t.name from photo_tag pt join tag t on t.id = pt.tag_id join photo p "
+            "on p.id = pt.photo_id where p.relpath = ? and pt.source = 'keyword'", (relpath,))}
+
+
+@pytest.mark.skipif(shutil.which("exiftool") is None, reason="exiftool is not installed")
+def test_keywords_the_user_edits_in_sidecars_become_searchable(running):
+    """A photo manager (here exiftool) edits a tagged photo's sidecar: the daemon reads its
+    keywords again, with no re-tagging. digiKam naming (IMG.jpg.xmp, the file phototag wrote
+    too) and Lightroom naming (IMG.xmp, new), then the sidecar deleted."""
+    folder = running.album / "sidecar-edits"
+    write_jpeg(folder / "oma.jpg", 80)
+    write_jpeg(folder / "trip.jpg", 81)
+    for name in ("oma.jpg", "trip.jpg"):
+        wait_until(lambda n=name: tagged(running.db, f"sidecar-edits/{n}"), what=f"{name} tagged")
+    ours = folder / "oma.jpg.xmp"
+    wait_until(ours.exists, what="phototag's sidecar")
+    tagged_at = tagged(running.db, "sidecar-edits/oma.jpg")["tagged_at"]
+
+    subprocess.run(["exiftool", "-q", "-overwrite_original", "-XMP-dc:Subject+=Oma", str(ours)],
+                   check=True)
+    wait_until(lambda: keyword_tags(running.db, "sidecar-edits/oma.jpg") == {"Oma"},
+               what="the keyword added to oma.jpg.xmp")
+    subprocess.run(["exiftool", "-q", "-XMP-dc:Subject=Urlaub", "-o", str(folder / "trip.xmp")],
+                   check=True)
+    wait_until(lambda: keyword_tags(running.db, "sidecar-edits/trip.jpg") == {"Urlaub"},
+               what="the keyword of the new trip.xmp")
+    search = subprocess.run([str(CONSOLE_SCRIPT), "--db", str(running.db), "search", "Oma"],
+                            capture_output=True, text=True, timeout=60)
+    assert search.stdout.splitlines() == [str(folder / "oma.jpg")], search.stderr
+
+    ours.unlink()
+    wait_until(lambda: keyword_tags(running.db, "sidecar-edits/oma.jpg") == set(),
+               what="the keyword gone with the sidecar")
+    assert tagged(running.db, "sidecar-edits/oma.jpg")["tagged_at"] == tagged_at  # not re-tagged
+
+
 def test_zz_sigterm_exits_cleanly(running):
     """Last: SIGTERM gives STOPPING=1 and exit 0, with batch logs of the run."""
     code = running.daemon.stop()

@@ -368,3 +368,18 @@ def test_pillow_jpeg_with_jfif_and_exif(tmp_path):
 def test_keywords_package_does_not_import_torch():
     code = "import sys, storage.keywords; sys.exit('torch' in sys.modules or 'tagger' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_photos_of_a_sidecar_by_either_naming(tmp_path):
+    from storage.keywords import photos_of_sidecar
+
+    for name in ("IMG_1.JPG", "IMG_1.cr2", "IMG_1.jpg.txt", "IMG_2.jpg", "IMG_10.jpg"):
+        (tmp_path / name).write_bytes(b"x")
+    extensions = {".jpg", ".cr2"}
+    # Lightroom naming: every photo with that stem (a RAW+JPEG pair shares one sidecar)
+    assert photos_of_sidecar(tmp_path / "IMG_1.xmp", extensions) == [
+        tmp_path / "IMG_1.JPG", tmp_path / "IMG_1.cr2"]
+    # digiKam naming: exactly the photo named in it, if it exists
+    assert photos_of_sidecar(tmp_path / "IMG_2.jpg.xmp", extensions) == [tmp_path / "IMG_2.jpg"]
+    assert photos_of_sidecar(tmp_path / "IMG_3.jpg.xmp", extensions) == []
+    assert photos_of_sidecar(tmp_path / "gone" / "IMG_1.xmp", extensions) == []

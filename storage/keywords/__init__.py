@@ -7,7 +7,7 @@ See :func:`write_keywords` and :func:`read_keywords`.
 from __future__ import annotations
 
 from .result import KeywordWriteError, WrittenKeywords
-from .sidecar import APPEND, REPLACE, sidecar_path
+from .sidecar import APPEND, REPLACE, is_sidecar_name, photos_of_sidecar, sidecar_path
 from .tagpaths import ROOT, KeywordPath, normalize_tags
 from .writer import EMBEDDED, MODES, SIDECAR, read_keywords, write_keywords
 
@@ -21,7 +21,9 @@ __all__ = [
     "KeywordPath",
     "KeywordWriteError",
     "WrittenKeywords",
+    "is_sidecar_name",
     "normalize_tags",
+    "photos_of_sidecar",
     "read_keywords",
     "sidecar_path",
     "write_keywords",

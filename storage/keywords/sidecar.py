@@ -17,6 +17,30 @@ REPLACE = "replace"
 NAMINGS = (APPEND, REPLACE)
 
 
+SUFFIX = ".xmp"
+
+
+def is_sidecar_name(name: str) -> bool:
+    return name.lower().endswith(SUFFIX) and len(name) > len(SUFFIX)
+
+
+def photos_of_sidecar(sidecar: Path, extensions: Collection[str]) -> list[Path]:
+    """The existing photos ``sidecar`` belongs to: ``IMG_1.jpg`` for ``IMG_1.jpg.xmp``, every
+    ``IMG_1.<photo extension>`` for ``IMG_1.xmp``. ``extensions``: lower case, with the dot."""
+    stem = sidecar.name[: -len(SUFFIX)]
+    if os.path.splitext(stem)[1].lower() in extensions:
+        candidates = [sidecar.with_name(stem)]
+    else:
+        try:
+            names = os.listdir(sidecar.parent)
+        except OSError:
+            return []
+        candidates = [sidecar.with_name(name) for name in names
+                      if os.path.splitext(name)[0] == stem
+                      and os.path.splitext(name)[1].lower() in extensions]
+    return sorted(path for path in candidates if path.is_file())
+
+
 def sidecar_path(photo: Path, naming: str = APPEND) -> Path:
     if naming == APPEND:
         return photo.with_name(photo.name + ".xmp")
