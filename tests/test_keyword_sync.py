@@ -402,20 +402,6 @@ def test_import_keywords_become_keyword_tags_without_our_own(lib):
         assert sorted(keyword_sync.import_keywords(s, photo_id, sony)) == ["cat", "snow"]
 
 
-def test_our_keywords_are_known_by_their_path_even_before_the_write_is_recorded(lib):
-    """The watcher may read a sidecar phototag just wrote before written_keywords is committed:
-    the leaves under phototag's root in the same XMP are ours all the same."""
-    photo_id = lib.photo("cat.jpg").id
-    written = keyword_sync.write_photo(lib.engine, photo_id, mode="sidecar", sidecar_name="append")
-    assert sorted(written.keywords) == ["animal", "cat", "pet", "tabby"]
-    with write_session(lib.engine) as s:
-        s.get(Photo, photo_id).written_keywords = None  # as if not recorded yet
-    subprocess.run(["exiftool", "-q", "-overwrite_original", "-XMP-dc:Subject+=Oma",
-                    str(written.target)], check=True)
-    with write_session(lib.engine) as s:
-        assert keyword_sync.import_keywords(s, photo_id, lib.files["cat.jpg"]) == ["Oma"]
-
-
 def test_import_keywords_from_a_sidecar_of_a_photo_never_written(lib):
     cat = lib.files["cat.jpg"]
     subprocess.run(["exiftool", "-q", "-charset", "utf8", "-XMP-dc:Subject=Großmutter",

@@ -13,7 +13,7 @@ from .atomic import is_writable
 from .embedded import write_embedded
 from .result import KeywordWriteError, WrittenKeywords
 from .sidecar import APPEND, NAMINGS, REPLACE, read_sidecar, sidecar_path, write_sidecar
-from .tagpaths import LR_SEP, ROOT, TagInput, dedupe, is_ours_lightroom, normalize_tags
+from .tagpaths import TagInput, dedupe, normalize_tags
 
 log = logging.getLogger(__name__)
 
@@ -162,53 +162,37 @@ def _write_embedded(
 def read_keywords(photo: Path | str, *, exclude: Collection[str] = ()) -> list[str]:
     """Keywords the photo already carries: sidecar and embedded XMP dc:subject, EXIF XPKeywords.
 
-    For indexing a user's own keywords, so phototag's own are left out: those that the same XMP
-    lists under phototag's root (lr:hierarchicalSubject ``phototag|animal|cat`` -> ``cat``),
-    which needs no database and holds even while a write is being recorded, and ``exclude`` (pass
-    phototag's ``previous`` leaves). Unreadable sources are logged and skipped, never fatal.
+    For indexing a user's own keywords; pass phototag's ``previous`` leaves as ``exclude`` to
+    leave out our own. Unreadable sources are logged and skipped, never fatal.
     """
     photo = Path(photo)
     found: list[str] = []
-    ours: set[str] = set()
     for naming in (APPEND, REPLACE):
         path = sidecar_path(photo, naming)
         try:
             side = read_sidecar(path)
             if side is not None:
                 found += xmp.get_list(side[0], xmp.DC_SUBJECT)
-                ours |= _our_leaves(side[0])
         except (OSError, xmp.XmpError) as exc:
             log.warning("%s: sidecar keywords not read (%s)", path, exc)
     try:
         if _has_jpeg_magic(photo):
-            embedded, embedded_ours = _read_jpeg_keywords(photo)
-            found += embedded
-            ours |= embedded_ours
+            found += _read_jpeg_keywords(photo)
     except (OSError, KeywordWriteError, jpeg.JpegError) as exc:
         log.warning("%s: embedded keywords not read (%s)", photo, exc)
-    skip = set(exclude) | ours
+    skip = set(exclude)
     return [k for k in dedupe(found) if k and k not in skip]
 
 
-def _our_leaves(doc: xmp.XmpDoc) -> set[str]:
-    """The leaves of the keyword paths phototag wrote into ``doc`` (``phototag|animal|cat``)."""
-    return {value.split(LR_SEP)[-1] for value in xmp.get_list(doc, xmp.LR_HIERARCHICAL)
-            if is_ours_lightroom(value) and value != ROOT}
-
-
-def _read_jpeg_keywords(photo: Path) -> tuple[list[str], set[str]]:
-    """(the keywords of the JPEG's XMP and XPKeywords, the leaves phototag wrote there)."""
+def _read_jpeg_keywords(photo: Path) -> list[str]:
     parts = jpeg.split(photo.read_bytes())
     found: list[str] = []
-    ours: set[str] = set()
     for seg in parts.segments:
         try:
             if seg.is_xmp:
-                doc = xmp.parse(seg.payload[len(jpeg.XMP_ID) :])
-                found += xmp.get_list(doc, xmp.DC_SUBJECT)
-                ours |= _our_leaves(doc)
+                found += xmp.get_list(xmp.parse(seg.payload[len(jpeg.XMP_ID) :]), xmp.DC_SUBJECT)
             elif seg.is_exif:
                 found += exif.decode_xpkeywords(exif.load(seg.payload))
         except Exception as exc:  # a broken XMP or EXIF block must not stop indexing
             log.warning("%s: keywords in a metadata block not read (%s)", photo, exc)
-    return found, ours
+    return found
