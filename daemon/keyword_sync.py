@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from storage.keywords import (
     EMBEDDED,
     MODES,
     KeywordWriteError,
+    PendingWrite,
     WrittenKeywords,
     normalize_tags,
     read_keywords,
@@ -184,7 +186,11 @@ def write_photo(engine: Engine, photo_id: int, *, mode: str, sidecar_name: str,
 
     ``broader``: see ``tag_paths``; ``paths``: tag paths computed before (writing many photos).
 
-    Raises KeywordWriteError (the file is then unchanged; the attempt is recorded).
+    Three short transactions, none held during the file write: plan; just before the rename,
+    record what is being written (``record_intent``); then record the outcome. A crash at any
+    point leaves the database describing either the old file or the new one (``own_write``).
+
+    Raises KeywordWriteError: the file is then unchanged and the attempt is recorded.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
@@ -192,19 +198,25 @@ def write_photo(engine: Engine, photo_id: int, *, mode: str, sidecar_name: str,
         photo = session.get(Photo, photo_id)
         if photo is None or photo.status != TAGGED:
             return None
+        _adopt_finished_write(photo)
         if paths is None:
             paths = tag_paths(session, broader)
         planned = target(session, photo, paths, broader)
     # A photo tagged again from here on is due for another write (see due_photo_ids).
     planned_at = library.utcnow()
+    recorded: list[PendingWrite] = []
 
-    def record_intent(size: int, sha256: str) -> None:
-        """Runs just before an embedded rewrite is renamed into place: see Photo.own_write."""
+    def record_intent(pending: PendingWrite) -> None:
+        """Runs just before the new file is renamed into place: from then on the database
+        claims the keywords being written, and knows an embedded rewrite as ours."""
         with write_session(engine) as session:
             photo = session.get(Photo, photo_id)
             if photo is None:
                 raise KeywordWriteError(planned.path, "left the index while writing; not written")
-            photo.own_write = library.own_write_facts(size, sha256)
+            photo.written_keywords = json.dumps(pending.keywords, ensure_ascii=False)
+            if pending.size is not None and pending.sha256 is not None:
+                photo.own_write = library.own_write_facts(pending.size, pending.sha256)
+        recorded.append(pending)
 
     written: WrittenKeywords | None = None
     failure: KeywordWriteError | None = None
@@ -222,11 +234,29 @@ def write_photo(engine: Engine, photo_id: int, *, mode: str, sidecar_name: str,
                 photo.written_keywords = json.dumps(written.keywords, ensure_ascii=False)
                 if written.mode == EMBEDDED:
                     _record_own_write(photo, written)
-            photo.own_write = None
+            elif recorded:  # recorded, then the rename failed: the file still has the old ones
+                photo.written_keywords = json.dumps(planned.previous, ensure_ascii=False)
+                pending = recorded[0]
+                if pending.size is not None and photo.own_write == library.own_write_facts(
+                        pending.size, pending.sha256):
+                    photo.own_write = None
             photo.keywords_written_at = planned_at
     if failure is not None:
         raise failure
     return written
+
+
+def _adopt_finished_write(photo: Photo) -> None:
+    """An earlier embedded rewrite whose record a crash prevented: if the file is that rewrite,
+    take its facts now, or this write would find the photo changed and refuse."""
+    if not photo.own_write:
+        return
+    path = library.absolute_path(photo.root, photo.relpath)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return
+    library.adopt_own_write(photo, path, st.st_size, st.st_mtime_ns)
 
 
 def _record_own_write(photo: Photo, written: WrittenKeywords) -> None:
@@ -243,6 +273,7 @@ def _record_own_write(photo: Photo, written: WrittenKeywords) -> None:
     photo.mtime_ns = written.mtime_ns
     if photo.content_hash is not None:
         photo.content_hash = written.sha256
+    photo.own_write = None
 
 
 def write_photos(engine: Engine, photo_ids: Iterable[int], *, mode: str, sidecar_name: str,

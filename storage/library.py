@@ -10,6 +10,7 @@ Paths are stored relative to their album root, with ``/`` separators.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from storage.models import (
     Tag,
     TagParent,
 )
+from storage.schema import CONTENT_HASH
 
 MAX_RETRY_DOUBLINGS = 10  # a failing photo waits at most retry_after * 2**10 between attempts
 
@@ -226,7 +228,7 @@ def upsert_seen_file(session: Session, root: AlbumRoot, relpath: str, size: int,
         return photo, Change.NEW
     if photo.size == size and photo.mtime_ns == mtime_ns:
         return photo, Change.UNCHANGED
-    if adopt_own_write(photo, size, mtime_ns):
+    if adopt_own_write(photo, absolute_path(root, relpath), size, mtime_ns):
         return photo, Change.UNCHANGED
     _mark_changed(photo, size, mtime_ns)
     session.flush()
@@ -246,10 +248,13 @@ def add_new_files(session: Session, root: AlbumRoot, files: Iterable[tuple[str, 
 def mark_changed(session: Session, photo_id: int, size: int, mtime_ns: int) -> bool:
     """The file at a known path has new content: queue it again (its old tags stay until then).
 
-    False if it was not queued: the row is gone, or the change is phototag's own keyword write.
+    False if it was not queued: the row is gone or already has these facts, or the change is
+    phototag's own keyword write.
     """
     photo = session.get(Photo, photo_id)
-    if photo is None or adopt_own_write(photo, size, mtime_ns):
+    if photo is None or (photo.size, photo.mtime_ns) == (size, mtime_ns):
+        return False  # gone, or recorded meanwhile (the scan's stat may predate this transaction)
+    if adopt_own_write(photo, absolute_path(photo.root, photo.relpath), size, mtime_ns):
         return False
     _mark_changed(photo, size, mtime_ns)
     return True
@@ -260,15 +265,22 @@ def own_write_facts(size: int, content_hash: str) -> str:
     return f"{size} {content_hash}"
 
 
-def adopt_own_write(photo: Photo, size: int, mtime_ns: int) -> bool:
-    """If the file's new size and mtime are those of phototag's own keyword rewrite (recorded in
-    ``own_write`` before its rename; the rewrite keeps the mtime), take them as the photo's facts
-    and return True: the photo keeps its tags and is not re-tagged. This is what makes a crash
-    between the rename and the commit of that write harmless."""
+def adopt_own_write(photo: Photo, path: Path, size: int, mtime_ns: int) -> bool:
+    """If the file at ``path`` is phototag's own keyword rewrite of the photo (``own_write``,
+    committed just before its rename: same size, same content hash, and the mtime it kept), take
+    its facts as the photo's and return True: the photo keeps its tags and is not re-tagged.
+    This makes a crash between that rename and the commit of the write harmless, and lets a
+    scanner that sees the new file before the commit recognise it."""
     if not photo.own_write or mtime_ns != photo.mtime_ns:
         return False
     own_size, own_hash = photo.own_write.split(" ", 1)
     if int(own_size) != size:
+        return False
+    try:
+        with open(path, "rb") as f:
+            if hashlib.file_digest(f, CONTENT_HASH).hexdigest() != own_hash:
+                return False
+    except OSError:
         return False
     photo.size = size
     if photo.content_hash is not None:

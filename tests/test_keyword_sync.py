@@ -232,31 +232,34 @@ class SimulatedCrash(BaseException):
     """Stands for the process being killed (SIGKILL, power cut): no except clause catches it."""
 
 
-def crash_right_after_the_rename(monkeypatch) -> None:
-    """Kill (simulated) the writer just after its rewrite is renamed into place, before the write
-    is recorded: the folder fsync that follows the rename is where it dies."""
+def crashed_write(lib, monkeypatch, name: str, mode: str = "embedded") -> Photo:
+    """Write ``name``'s keywords and "kill" the writer just after the new file is renamed into
+    place, before the write is recorded: the folder fsync that follows the rename is where it
+    dies. Returns the photo's row from before."""
     import storage.keywords.atomic
 
     def die(_folder):
         raise SimulatedCrash
 
+    before = lib.photo(name)
     monkeypatch.setattr(storage.keywords.atomic, "_fsync_dir", die)
+    with pytest.raises(SimulatedCrash):
+        keyword_sync.write_photo(lib.engine, before.id, mode=mode, sidecar_name="append")
+    monkeypatch.undo()
+    return before
 
 
-@pytest.mark.parametrize("scanner", ["reconcile", "watcher"])
+@pytest.mark.parametrize("scanner", ["reconcile", "upsert_seen_file"])
 def test_a_crash_between_rename_and_commit_is_still_our_write(lib, monkeypatch, scanner):
-    """The photo on disk is our rewrite, its row still has the old size: the scanner (the start-up
-    reconcile or the watcher's check) recognises the write as phototag's own (own_write, committed
-    before the rename) and takes the new facts without queueing the photo to be tagged again."""
+    """The photo on disk is our rewrite, its row still has the old size: a scanner (the start-up
+    reconcile, or the watcher's check, upsert_seen_file) recognises the write as phototag's own
+    (own_write, committed before the rename) and takes the new facts without queueing the photo
+    to be tagged again."""
     from daemon import indexer
     from daemon.config import Config
 
     sony = lib.files["trip/sony.jpg"]
-    old = lib.photo("trip/sony.jpg")
-    crash_right_after_the_rename(monkeypatch)
-    with pytest.raises(SimulatedCrash):
-        keyword_sync.write_photo(lib.engine, old.id, mode="embedded", sidecar_name="append")
-    monkeypatch.undo()
+    old = crashed_write(lib, monkeypatch, "trip/sony.jpg")
     st = sony.stat()
     assert st.st_size != old.size and sorted(exiftool_keywords(sony)["subject"]) == ["sled", "snow"]
     row = lib.photo("trip/sony.jpg")
@@ -277,15 +280,44 @@ def test_a_crash_between_rename_and_commit_is_still_our_write(lib, monkeypatch, 
     assert photo.own_write is None
 
 
-def test_after_a_crashed_write_a_users_edit_is_still_an_edit(lib, monkeypatch):
-    """own_write names the exact file phototag wrote: any other change (the user's own edit,
-    another size) queues the photo as usual, and clears own_write."""
+def test_a_write_after_a_crashed_one_takes_it_as_ours(lib, monkeypatch):
+    """After a restart the daemon may write keywords again before any rescan: that write adopts
+    the crashed one instead of refusing a "changed" photo, and a rescan then finds nothing."""
+    from daemon import indexer
+    from daemon.config import Config
+
     sony = lib.files["trip/sony.jpg"]
-    old = lib.photo("trip/sony.jpg")
-    crash_right_after_the_rename(monkeypatch)
-    with pytest.raises(SimulatedCrash):
-        keyword_sync.write_photo(lib.engine, old.id, mode="embedded", sidecar_name="append")
-    monkeypatch.undo()
+    old = crashed_write(lib, monkeypatch, "trip/sony.jpg")
+    written = keyword_sync.write_photo(lib.engine, old.id, mode="embedded", sidecar_name="append")
+    assert written is not None and sorted(written.keywords) == ["sled", "snow"]
+    summary = indexer.Summary()
+    indexer.reconcile(lib.engine, lib.root, indexer.photo_filter(Config()), summary=summary)
+    photo = lib.photo("trip/sony.jpg")
+    assert summary.changed == 0 and photo.status == "tagged" and photo.tagged_at == old.tagged_at
+    assert (photo.size, photo.own_write) == (sony.stat().st_size, None)
+
+
+@pytest.mark.parametrize("mode", ["embedded", "sidecar"])
+def test_keywords_of_a_crashed_write_stay_ours(lib, monkeypatch, mode):
+    """The keywords being written are recorded before the rename: after a crash they are still
+    phototag's, so the next write (the photo re-tagged as coffee) replaces them, and they never
+    come back as the user's own keywords."""
+    sony = lib.files["trip/sony.jpg"]
+    old = crashed_write(lib, monkeypatch, "trip/sony.jpg", mode)
+    assert sorted(keyword_sync.previous_keywords(lib.photo("trip/sony.jpg"))) == ["sled", "snow"]
+    lib.tag("trip/sony.jpg", {"coffee": 0.9})
+    keyword_sync.write_photo(lib.engine, old.id, mode=mode, sidecar_name="append")
+    target = sony if mode == "embedded" else sidecar_path(sony)
+    assert exiftool_keywords(target)["subject"] == ["coffee"]
+    with write_session(lib.engine) as s:
+        assert keyword_sync.import_keywords(s, old.id, sony) == []
+
+
+def test_after_a_crashed_write_a_users_edit_is_still_an_edit(lib, monkeypatch):
+    """own_write names the file phototag wrote (size, hash, kept mtime): any other change (the
+    user's own edit) queues the photo as usual, and clears own_write."""
+    sony = lib.files["trip/sony.jpg"]
+    crashed_write(lib, monkeypatch, "trip/sony.jpg")
     mtime = sony.stat().st_mtime_ns
     with open(sony, "ab") as f:
         f.write(b"\0" * 100)  # bytes after EOI: another file, same mtime as ours
@@ -297,6 +329,16 @@ def test_after_a_crashed_write_a_users_edit_is_still_an_edit(lib, monkeypatch):
     assert change is library.Change.CHANGED
     photo = lib.photo("trip/sony.jpg")
     assert photo.status == "pending" and photo.own_write is None
+
+
+def test_mark_changed_leaves_a_row_that_already_has_the_files_facts(lib):
+    """A rescan's stat can predate its write transaction: a row updated meanwhile to exactly
+    those facts is not queued again."""
+    photo = lib.photo("trip/sony.jpg")
+    with write_session(lib.engine) as s:
+        assert library.mark_changed(s, photo.id, photo.size, photo.mtime_ns) is False
+        assert library.mark_changed(s, photo.id, photo.size + 1, photo.mtime_ns) is True
+    assert lib.photo("trip/sony.jpg").status == "pending"
 
 
 def test_retag_replaces_only_our_keywords_and_keeps_the_users(lib):

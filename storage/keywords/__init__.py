@@ -6,7 +6,7 @@ See :func:`write_keywords` and :func:`read_keywords`.
 
 from __future__ import annotations
 
-from .result import KeywordWriteError, WrittenKeywords
+from .result import KeywordWriteError, PendingWrite, WrittenKeywords
 from .sidecar import APPEND, REPLACE, is_sidecar_name, photos_of_sidecar, sidecar_path
 from .tagpaths import ROOT, KeywordPath, normalize_tags
 from .writer import EMBEDDED, MODES, SIDECAR, read_keywords, write_keywords
@@ -20,6 +20,7 @@ __all__ = [
     "SIDECAR",
     "KeywordPath",
     "KeywordWriteError",
+    "PendingWrite",
     "WrittenKeywords",
     "is_sidecar_name",
     "normalize_tags",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import exif, jpeg, xmp
 from .atomic import replace_atomically
-from .result import KeywordWriteError
+from .result import BeforeReplace, KeywordWriteError, PendingWrite
 from .tagpaths import KeywordPath, dedupe
 
 log = logging.getLogger(__name__)
@@ -39,12 +39,11 @@ def write_embedded(
     keywords: list[KeywordPath],
     previous: Collection[str],
     photo_unchanged: Callable[[], None],
-    before_replace: Callable[[int, str], None] | None = None,
+    before_replace: BeforeReplace | None = None,
 ) -> EmbeddedResult:
     """Rewrite ``photo`` (whose current bytes are ``data``) with the keywords embedded.
 
-    ``before_replace(size, sha256)`` is called with the new file's facts after every check, just
-    before the rename; if it raises, the photo is left as it was.
+    ``before_replace``: see ``write_keywords``.
     """
     try:
         parts = jpeg.split(data)
@@ -121,7 +120,7 @@ def write_embedded(
     def last_check() -> None:
         photo_unchanged()
         if before_replace is not None:
-            before_replace(len(new_data), new_sha256)
+            before_replace(PendingWrite(owned, len(new_data), new_sha256))
 
     try:
         replace_atomically(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,24 @@ class KeywordWriteError(Exception):
         super().__init__(f"{path}: {reason}")
         self.path = Path(path)
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class PendingWrite:
+    """What a keyword write is about to put in place, passed to ``before_replace`` just before
+    the rename, so the caller can record it first (a crash may come between rename and record).
+
+    ``keywords``: the leaves phototag will own (as WrittenKeywords.keywords). ``size`` and
+    ``sha256``: the photo's new size and content hash for an embedded rewrite; None for a
+    sidecar (the photo itself is not touched).
+    """
+
+    keywords: list[str]
+    size: int | None = None
+    sha256: str | None = None
+
+
+BeforeReplace = Callable[[PendingWrite], None]
 
 
 @dataclass

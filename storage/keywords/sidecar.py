@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import xmp
 from .atomic import is_writable, replace_atomically
-from .result import KeywordWriteError
+from .result import BeforeReplace, KeywordWriteError, PendingWrite
 from .tagpaths import KeywordPath
 
 APPEND = "append"
@@ -67,8 +67,11 @@ def write_sidecar(
     previous: Collection[str],
     naming: str,
     photo_unchanged,
+    before_replace: BeforeReplace | None = None,
 ) -> tuple[Path, list[str]]:
-    """Merge ``keywords`` into the photo's sidecar (created if missing). Returns (path, owned)."""
+    """Merge ``keywords`` into the photo's sidecar (created if missing). Returns (path, owned).
+
+    ``before_replace``: see ``write_keywords``."""
     path = sidecar_path(photo, naming)
     folder_st = os.stat(path.parent)
     if not is_writable(path.parent, folder_st):
@@ -103,6 +106,8 @@ def write_sidecar(
         now = _stat_or_none(path)
         if (now is None) != (side_st is None) or (now and not _same_file(now, side_st)):
             raise KeywordWriteError(path, "sidecar changed while writing; not replaced")
+        if before_replace is not None:
+            before_replace(PendingWrite(owned))
 
     replace_atomically(
         path, data, mode=mode, owner=owner, times_ns=None, verify=verify, unchanged=unchanged

@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
 from . import exif, jpeg, xmp
 from .atomic import is_writable
 from .embedded import write_embedded
-from .result import KeywordWriteError, WrittenKeywords
+from .result import BeforeReplace, KeywordWriteError, WrittenKeywords
 from .sidecar import APPEND, NAMINGS, REPLACE, read_sidecar, sidecar_path, write_sidecar
 from .tagpaths import TagInput, dedupe, normalize_tags
 
@@ -32,7 +32,7 @@ def write_keywords(
     sidecar_name: str = APPEND,
     expect_size: int | None = None,
     expect_mtime_ns: int | None = None,
-    before_replace: Callable[[int, str], None] | None = None,
+    before_replace: BeforeReplace | None = None,
 ) -> WrittenKeywords:
     """Write ``tags`` (``"cat"`` or paths like ``("animal", "cat")``) as the photo's keywords.
 
@@ -41,9 +41,11 @@ def write_keywords(
     ``previous``: the leaves phototag wrote last time (WrittenKeywords.keywords) — only those and
     hierarchical keywords under the ``phototag`` root are replaced. ``expect_size`` /
     ``expect_mtime_ns``: the photo as it was tagged; if it changed, nothing is written.
-    ``before_replace(size, sha256)``: for an embedded rewrite, called with the new photo's size
-    and content hash just before it is renamed into place (to record the write as one's own
-    first); if it raises, nothing is written.
+    ``before_replace(PendingWrite)``: called after every check, just before the new file is
+    renamed into place, with the keywords phototag will own and, for an embedded rewrite, the
+    photo's new size and content hash: to record the write before it happens, so that a crash
+    between the rename and the caller's own record loses nothing. If it raises, nothing is
+    written.
 
     Raises KeywordWriteError (``"<path>: <reason>"``) and then nothing was changed.
     """
@@ -77,7 +79,8 @@ def write_keywords(
         notes.append("not a JPEG: keywords written to a sidecar instead")
 
     try:
-        target, owned = write_sidecar(photo, st, keywords, previous, sidecar_name, photo_unchanged)
+        target, owned = write_sidecar(photo, st, keywords, previous, sidecar_name, photo_unchanged,
+                                      before_replace)
     except OSError as exc:
         side = sidecar_path(photo, sidecar_name)
         raise KeywordWriteError(side, f"could not write sidecar ({exc.strerror or exc})") from None
@@ -123,7 +126,7 @@ def _write_embedded(
     previous: list[str],
     expect_size: int | None,
     expect_mtime_ns: int | None,
-    before_replace: Callable[[int, str], None] | None = None,
+    before_replace: BeforeReplace | None = None,
 ) -> WrittenKeywords:
     if photo.is_symlink():
         raise KeywordWriteError(photo, "is a symbolic link; embedded keywords not written")
