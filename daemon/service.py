@@ -111,6 +111,14 @@ def album_configs(config: Config, cli_albums: Sequence[Path]) -> list[AlbumConfi
 # Applying watcher changes to the database
 
 
+def _sidecars(change: Change) -> list[Path]:
+    """The XMP sidecars a file change is about (watched so that keyword edits are picked up)."""
+    if change.kind not in ("ready", "moved", "deleted"):
+        return []
+    return [path for path in (change.path, change.dest)
+            if path is not None and is_sidecar_name(path.name)]
+
+
 class ChangeApplier:
     """One thread that writes watcher changes into the database and runs rescans.
 
@@ -187,9 +195,14 @@ class ChangeApplier:
     def _apply_chunk(self, chunk: list[Change]) -> None:
         try:
             queued = False
+            # Files are read before the write transaction, not while it holds the lock.
+            sidecar_keywords = self._read_sidecar_keywords(chunk)
             with write_session(self.engine) as session:
+                for path, keywords in sidecar_keywords.items():
+                    self._store_sidecar_keywords(session, path, keywords)
                 for change in chunk:
-                    queued |= self._apply(session, change)
+                    if not _sidecars(change):
+                        queued |= self._apply(session, change)
             if queued:
                 self.on_queued()
         except Exception:
@@ -201,12 +214,6 @@ class ChangeApplier:
 
     def _apply(self, session, change: Change) -> bool:
         """Apply one change inside the open transaction; True if a photo became pending."""
-        sidecars = [path for path in (change.path, change.dest)
-                    if path is not None and is_sidecar_name(path.name)]
-        if sidecars and change.kind in ("ready", "moved", "deleted"):
-            for sidecar in sidecars:
-                self._sidecar_changed(session, sidecar)
-            return False
         if change.kind == "ready":
             return self._seen(session, change.path)
         if change.kind == "moved":
@@ -236,18 +243,27 @@ class ChangeApplier:
             return False
         raise ValueError(f"unknown change {change.kind!r}")
 
-    def _sidecar_changed(self, session, sidecar: Path) -> None:
-        """A sidecar was written, replaced or deleted (by the user's photo manager, or by us):
-        read the keywords of its tagged photos again. (A photo not tagged yet gets them when it
-        is tagged.)"""
+    def _read_sidecar_keywords(self, chunk: list[Change]) -> dict[Path, list[str]]:
+        """The photos of the sidecars written, replaced or deleted in ``chunk`` (by the user's
+        photo manager, or by us) and the keywords their files carry now."""
         if self.photo_filter is None:
-            return
-        for path in photos_of_sidecar(sidecar, self.photo_filter.extensions):
-            found = library.locate(session, path)
-            photo = library.photo_at(session, *found) if found else None
-            if photo is not None and photo.status == TAGGED:
-                names = keyword_sync.import_keywords(session, photo.id, path)
-                log.debug("keywords of %s from %s: %s", path, sidecar.name, ", ".join(names))
+            return {}
+        found: dict[Path, list[str]] = {}
+        for change in chunk:
+            for sidecar in _sidecars(change):
+                for path in photos_of_sidecar(sidecar, self.photo_filter.extensions):
+                    if path not in found:
+                        found[path] = keyword_sync.read_photo_keywords(path)
+        return found
+
+    def _store_sidecar_keywords(self, session, path: Path, keywords: list[str]) -> None:
+        """A tagged photo's keywords, read again after its sidecar changed. (A photo not tagged
+        yet gets them when it is tagged.)"""
+        found = library.locate(session, path)
+        photo = library.photo_at(session, *found) if found else None
+        if photo is not None and photo.status == TAGGED:
+            names = keyword_sync.store_keywords(session, photo.id, keywords)
+            log.debug("keywords of %s from its sidecar: %s", path, ", ".join(names))
 
     def _seen(self, session, path: Path) -> bool:
         try:
