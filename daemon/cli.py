@@ -7,6 +7,7 @@ commands (search, tags, show, status) start fast and never load torch.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import importlib
 import logging
@@ -132,7 +133,8 @@ def main(ctx: click.Context, config_path: str | None, db_override: str | None, v
     ctx.obj = App(config_path=config_path, db_override=db_override, verbose=verbose)
     if ctx.invoked_subcommand in READ_ONLY_COMMANDS:
         gc.disable()
-        ctx.call_on_close(gc.freeze)  # nothing left for the collector at interpreter exit
+        ctx.call_on_close(gc.enable)  # for callers that go on in this process (tests, scripts)
+        atexit.register(gc.freeze)  # and nothing left for the collector at interpreter exit
 
 
 pass_app = click.make_pass_decorator(App)

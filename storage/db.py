@@ -25,8 +25,9 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
 BUSY_TIMEOUT_SECONDS = 30.0
-# SQLite reads the database through a memory map of up to this size instead of read() calls into
-# its small page cache: a search's first query in a fresh process runs about twice as fast.
+# Read-only commands let SQLite read the database through a memory map of up to this size instead
+# of read() calls into its small page cache: a search's first query in a fresh process runs about
+# twice as fast. (Not for the daemon: mapped pages count towards its resident memory.)
 MMAP_BYTES = 256 * 2**20
 
 # Connection execution option that makes our begin hook emit BEGIN IMMEDIATE.
@@ -79,7 +80,6 @@ def _configure_sqlite(engine: Engine) -> None:
             cursor.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
             cursor.execute("PRAGMA foreign_keys = ON")
             cursor.execute("PRAGMA synchronous = NORMAL")
-            cursor.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
             # WAL is set once, in the file, by storage.migrate: a connection must not rewrite
             # the header of a file that may not even be ours.
         finally:
@@ -121,6 +121,8 @@ def read_connection(engine: Engine) -> Iterator[Connection]:
     What the read-only commands use: no ORM (importing it is a sixth of their start-up).
     """
     with _translate_errors(engine), engine.connect() as connection:
+        if engine.dialect.name == "sqlite":  # per connection, outside any transaction
+            connection.connection.driver_connection.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
         connection.begin()
         yield connection  # leaving connect() rolls the read transaction back
 

@@ -1,8 +1,9 @@
 """ORM classes for the writers (indexer, worker, keyword sync), mapped onto ``storage.schema``.
 
 The tables themselves (columns, indexes, constraints) are defined once, in ``storage.schema``;
-this module adds the classes and their relationships. Read-only commands use the Core tables and
-never import this module (nor the ORM).
+this module adds the classes and their relationships. The read-only commands search, tags and
+status use the Core tables and never import this module (nor the ORM); ``show`` does, to find a
+photo the way the indexer files it.
 """
 
 from __future__ import annotations

@@ -262,17 +262,20 @@ def test_search_tags_and_status_use_sqlalchemy_core_only(lib):
     code = (
         "import sys\n"
         "from daemon.cli import main\n"
+        "codes = []\n"
         f"for args in (['search', 'cat', '--json'], ['tags'], ['status']):\n"
         f"    try:\n"
         f"        main(['--db', {url!r}, *args])\n"
-        f"    except SystemExit:\n"
-        f"        pass\n"
+        f"    except SystemExit as e:\n"
+        f"        codes.append(e.code)\n"
+        "print('EXIT', codes, file=sys.stderr)\n"
         "print('ORM', 'sqlalchemy.orm' in sys.modules, 'storage.models' in sys.modules,\n"
         "      file=sys.stderr)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=Path(__file__).parent.parent, timeout=120)
-    assert "kitty.png" in result.stdout and "last nightly run:" in result.stdout  # they ran
+    assert "EXIT [0, 0, 0]" in result.stderr, result.stderr  # all three ran and succeeded
+    assert "kitty.png" in result.stdout and "last nightly run:" in result.stdout
     assert "ORM False False" in result.stderr, result.stderr
 
 
