@@ -233,23 +233,31 @@ def test_missing_database_says_how_to_create_it_and_creates_nothing(tmp_path, co
     assert not db.exists()
 
 
-def test_read_only_commands_never_import_torch(lib):
-    """A fresh interpreter runs the real CLI entry point and then inspects sys.modules."""
-    url = lib[0]
+def in_a_fresh_interpreter(url: str, commands: list[list[str]], report: str):
+    """Run the real CLI entry point for each of ``commands`` in one fresh interpreter, print
+    their exit codes, then run ``report`` (code printing to stderr) on what got imported."""
     code = (
         "import sys\n"
         "from daemon.cli import main\n"
-        f"for args in (['search', 'cat', '--json'], ['tags'], ['status'], ['show', 'x.jpg']):\n"
-        f"    try:\n"
+        "codes = []\n"
+        f"for args in {commands!r}:\n"
+        "    try:\n"
         f"        main(['--db', {url!r}, *args])\n"
-        f"    except SystemExit:\n"
-        f"        pass\n"
+        "    except SystemExit as e:\n"
+        "        codes.append(e.code)\n"
+        "print('EXIT', codes, file=sys.stderr)\n"
+    ) + report
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent, timeout=120)
+
+
+def test_read_only_commands_never_import_torch(lib):
+    result = in_a_fresh_interpreter(
+        lib[0], [["search", "cat", "--json"], ["tags"], ["status"], ["show", "x.jpg"]],
         "heavy = sorted(m for m in sys.modules\n"
         "               if m.split('.')[0] in ('torch', 'torchvision', 'tagger', 'PIL', 'alembic'))\n"
-        "print('HEAVY', heavy, file=sys.stderr)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            cwd=Path(__file__).parent.parent, timeout=120)
+        "print('HEAVY', heavy, file=sys.stderr)\n")
+    assert "EXIT [0, 0, 0, 1]" in result.stderr, result.stderr  # x.jpg is not in the index
     assert "kitty.png" in result.stdout  # the search really ran
     assert "HEAVY []" in result.stderr, result.stderr  # alembic too: the database is current
     assert "alembic" not in result.stderr  # no INFO lines from it either
@@ -258,22 +266,10 @@ def test_read_only_commands_never_import_torch(lib):
 def test_search_tags_and_status_use_sqlalchemy_core_only(lib):
     """The ORM's import is a sixth of `phototag search`'s start-up: these commands run without it
     (`show` may use it: it finds the photo the way the indexer files it)."""
-    url = lib[0]
-    code = (
-        "import sys\n"
-        "from daemon.cli import main\n"
-        "codes = []\n"
-        f"for args in (['search', 'cat', '--json'], ['tags'], ['status']):\n"
-        f"    try:\n"
-        f"        main(['--db', {url!r}, *args])\n"
-        f"    except SystemExit as e:\n"
-        f"        codes.append(e.code)\n"
-        "print('EXIT', codes, file=sys.stderr)\n"
+    result = in_a_fresh_interpreter(
+        lib[0], [["search", "cat", "--json"], ["tags"], ["status"]],
         "print('ORM', 'sqlalchemy.orm' in sys.modules, 'storage.models' in sys.modules,\n"
-        "      file=sys.stderr)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            cwd=Path(__file__).parent.parent, timeout=120)
+        "      file=sys.stderr)\n")
     assert "EXIT [0, 0, 0]" in result.stderr, result.stderr  # all three ran and succeeded
     assert "kitty.png" in result.stdout and "last nightly run:" in result.stdout
     assert "ORM False False" in result.stderr, result.stderr
