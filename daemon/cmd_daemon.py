@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from daemon.cli import EX_CONFIG, App, fail, pass_app
-from daemon.cmd_support import Progress, interrupted, lazy_tagger_or_exit, open_db_for_write_or_exit
+from daemon.cli import App, pass_app
+from daemon.cmd_support import lazy_tagger_or_exit, tagging_run
 
 
 @click.command("daemon")
@@ -49,29 +49,17 @@ def retag(app: App, outdated: bool, errors: bool, everything: bool, model: str |
     Their current tags stay searchable until the new ones replace them. Safe to interrupt.
     """
     from daemon.worker import Selection, retag as retag_photos
-    from storage.db import DatabaseError
-    from tagger.backbones import ModelError
 
     if not (outdated or errors or everything):
         outdated = errors = True
     selection = Selection(outdated=outdated, errors=errors, everything=everything)
     config = app.config
     tagger = lazy_tagger_or_exit(config, model)  # before touching the database: fails fast
-    engine = open_db_for_write_or_exit(app.db_url)
-    progress = Progress("re-tagging")
-    try:
+    with tagging_run(app.db_url, "re-tagging", "the photos not done yet stay queued") as (
+            engine, progress):
         summary = retag_photos(engine, tagger, selection,
                                folder=str(path) if path is not None else None,
                                retry_after=config.daemon.retry_after, warn=progress.warn,
                                progress=progress.start)
-    except (LookupError, DatabaseError) as e:
-        fail(str(e))
-    except ModelError as e:  # weights there but unusable: found when the model is loaded
-        fail(str(e), EX_CONFIG)
-    except KeyboardInterrupt:
-        interrupted(progress, "the photos not done yet stay queued")
-    finally:
-        progress.close()
-        engine.dispose()
     click.echo(f"re-tagged {selection.describe()}: {summary.tagged} tagged, {summary.failed} "
                f"failed, {summary.moved} moved")

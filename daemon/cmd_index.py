@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from daemon.cli import EX_CONFIG, App, fail, pass_app
-from daemon.cmd_support import Progress, interrupted, lazy_tagger_or_exit, open_db_for_write_or_exit
+from daemon.cli import App, pass_app
+from daemon.cmd_support import lazy_tagger_or_exit, tagging_run
 
 
 @click.command("index")
@@ -22,23 +22,11 @@ def index(app: App, paths: tuple[Path, ...], model: str | None) -> None:
     never tagged again; moved or renamed files keep their tags.
     """
     from daemon import indexer
-    from storage.db import DatabaseError
-    from tagger.backbones import ModelError
 
     config = app.config
     tagger = lazy_tagger_or_exit(config, model)  # before touching the database: fails fast
-    engine = open_db_for_write_or_exit(app.db_url)
-    progress = Progress("tagging")
-    try:
+    with tagging_run(app.db_url, "tagging", "run the same command again to continue") as (
+            engine, progress):
         summary = indexer.index_folders(engine, tagger, paths, config, warn=progress.warn,
                                         progress=progress.start)
-    except DatabaseError as e:
-        fail(str(e))
-    except ModelError as e:  # weights there but unusable: found when the model is loaded
-        fail(str(e), EX_CONFIG)
-    except KeyboardInterrupt:
-        interrupted(progress, "run the same command again to continue")
-    finally:
-        progress.close()
-        engine.dispose()
     click.echo(f"indexed: {summary.line()}")

@@ -6,7 +6,8 @@ Everything heavy is imported inside the functions, like in the command modules t
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import click
@@ -88,3 +89,28 @@ def interrupted(progress: Progress, what_next: str) -> None:
     progress.close()
     click.echo(f"phototag: interrupted; {what_next}", err=True)
     sys.exit(EX_INTERRUPTED)
+
+
+@contextmanager
+def tagging_run(db_url: str, desc: str, on_interrupt: str) -> Iterator[tuple[Engine, Progress]]:
+    """The database and a progress bar for a command that tags (index, retag), and its failures
+    as one-line errors: a database problem or a folder outside the albums exits 1, weights that
+    turn out unusable when the model loads exit 78, Ctrl-C exits 130 saying ``on_interrupt``
+    (what becomes of the photos not done)."""
+    from daemon.worker import NotIndexedError
+    from storage.db import DatabaseError
+    from tagger.backbones import ModelError
+
+    engine = open_db_for_write_or_exit(db_url)
+    progress = Progress(desc)
+    try:
+        yield engine, progress
+    except (DatabaseError, NotIndexedError) as e:
+        fail(str(e))
+    except ModelError as e:
+        fail(str(e), EX_CONFIG)
+    except KeyboardInterrupt:
+        interrupted(progress, on_interrupt)
+    finally:
+        progress.close()
+        engine.dispose()

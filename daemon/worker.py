@@ -233,6 +233,10 @@ class Selection:
         return " and ".join(parts) + " photos"
 
 
+class NotIndexedError(LookupError):
+    """A folder to re-tag that is inside no indexed album."""
+
+
 def requeue(engine: Engine, selection: Selection, *, model: str, mapping_version: str,
             folder: str | None = None) -> tuple[int, int | None, str]:
     """Mark the selected photos pending (inside ``folder`` if given); their old tags stay
@@ -246,7 +250,7 @@ def requeue(engine: Engine, selection: Selection, *, model: str, mapping_version
                 root = session.scalar(select(AlbumRoot).where(
                     AlbumRoot.path == library.root_path(folder)))
                 if root is None:
-                    raise LookupError(f"{folder}: not inside any indexed album")
+                    raise NotIndexedError(f"{folder}: not inside any indexed album")
             else:
                 root, under = found
             root_id = root.id
