@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import click
 
 from daemon.cli import App, fail, pass_app
@@ -24,6 +26,8 @@ def upgrade(app: App, backup: bool) -> None:
 
     url = app.db_url
     path = sqlite_path(url)
+    if not app.verbose:  # this command says what the migration's INFO lines would say
+        logging.getLogger("storage.migrate").setLevel(logging.WARNING)
     try:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)

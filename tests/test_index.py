@@ -514,6 +514,19 @@ def test_db_upgrade_and_path(lib):
     assert lib.run("db", "path").output.strip() == str(lib.db)
 
 
+def test_db_upgrade_says_each_thing_once(tmp_path):
+    """Its own lines on stdout; the migration's INFO log lines (the same news) only with -v."""
+    phototag = str(Path(sys.executable).parent / "phototag")
+    db = tmp_path / "new.db"
+    quiet = subprocess.run([phototag, "--db", str(db), "db", "upgrade"], capture_output=True,
+                           text=True, timeout=120)
+    assert quiet.returncode == 0 and (quiet.stdout + quiet.stderr).count("upgraded from") == 1
+    db.unlink()
+    verbose = subprocess.run([phototag, "-v", "--db", str(db), "db", "upgrade"],
+                             capture_output=True, text=True, timeout=120)
+    assert "upgraded from" in verbose.stdout and "INFO storage.migrate" in verbose.stderr
+
+
 def test_interrupted_run_continues_where_it_stopped(lib, inferred, monkeypatch):
     from tagger.engine import Tagger
 
