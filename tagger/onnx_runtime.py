@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tagger.preprocess import normalize_array
+from tagger.preprocess import normalize
 
 if TYPE_CHECKING:
     from torch import nn
@@ -181,7 +181,7 @@ class OrtPredictor:
         return logits
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        return softmax(self.logits(normalize_array(pixels, self.backbone)))
+        return softmax(self.logits(normalize(pixels, self.backbone)))
 
     def __repr__(self) -> str:
         return f"OrtPredictor({self.path}, threads={self.threads})"

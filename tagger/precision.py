@@ -400,9 +400,9 @@ def _int8_onnx(ctx: _Context, images: np.ndarray | None = None) -> Path | None:
         return None
     float_nodes = FLOAT_NODES.get(ctx.backbone.name, FLOAT_NODES_DEFAULT)
     log.info("quantizing %s to int8 on %d photos (takes a minute, once)", ctx.backbone.name, len(images))
-    from tagger.preprocess import normalize_array
+    from tagger.preprocess import normalize
 
-    quantize_int8(_fp32_onnx(ctx), path, normalize_array(images, ctx.backbone),
+    quantize_int8(_fp32_onnx(ctx), path, normalize(images, ctx.backbone),
                   float_nodes=float_nodes, reduce_range=reduce_range)
     ctx.cache.write_json(f"{suffix}.json", {
         "calibration_images": len(images), "float_nodes": float_nodes, "reduce_range": reduce_range,

@@ -183,7 +183,7 @@ def preprocess(image: Image.Image, backbone: Backbone) -> torch.Tensor:
     """RGB image -> normalised float tensor (3, crop, crop), as ``reference_transform`` computes it."""
     import torch
 
-    return normalize(torch.from_numpy(to_uint8_array(resize_crop(image, backbone))), backbone)
+    return torch.from_numpy(normalize(to_uint8_array(resize_crop(image, backbone)), backbone))
 
 
 def resize_crop(image: Image.Image, backbone: Backbone) -> Image.Image:
@@ -208,21 +208,12 @@ def to_uint8_array(image: Image.Image) -> np.ndarray:
     return np.array(image, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def normalize(pixels: torch.Tensor, backbone: Backbone) -> torch.Tensor:
+def normalize(pixels: np.ndarray, backbone: Backbone) -> np.ndarray:
     """uint8 (..., 3, H, W) -> float32 scaled to [0, 1] and normalised with the backbone's mean/std.
 
-    The same operations as torchvision's ``ToTensor`` + ``Normalize``, for one image or a batch.
+    The same operations in the same order as torchvision's ``ToTensor`` + ``Normalize``, for one
+    image or a batch; in numpy, so that every runtime (ONNX Runtime without torch too) shares it.
     """
-    import torch
-
-    mean = torch.tensor(backbone.mean, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(backbone.std, dtype=torch.float32).view(3, 1, 1)
-    return pixels.to(torch.float32).div_(255).sub_(mean).div_(std)
-
-
-def normalize_array(pixels: np.ndarray, backbone: Backbone) -> np.ndarray:
-    """``normalize`` in numpy (float32, the same operations in the same order): for runtimes
-    without torch."""
     mean = np.asarray(backbone.mean, dtype=np.float32).reshape(3, 1, 1)
     std = np.asarray(backbone.std, dtype=np.float32).reshape(3, 1, 1)
     out = pixels.astype(np.float32)

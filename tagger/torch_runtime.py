@@ -34,7 +34,7 @@ class TorchPredictor:
     """uint8 (N, 3, crop, crop) pixels -> (N, 1000) float32 probabilities with a torch module.
 
     ``module`` takes the normalised float batch and returns logits (a backbone, or one of the
-    wrappers below). Normalisation and softmax run in torch, as the tagger always did.
+    wrappers below). Normalisation is the shared numpy one (tagger.preprocess); softmax in torch.
     """
 
     runtime = "torch"
@@ -49,7 +49,7 @@ class TorchPredictor:
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            inputs = normalize(torch.from_numpy(pixels), self.backbone)
+            inputs = torch.from_numpy(normalize(pixels, self.backbone))
             return self.module(inputs).softmax(dim=1).numpy()
 
 
