@@ -38,11 +38,6 @@ class DatabaseError(Exception):
     """The database cannot be used; the message is one line fit for the user."""
 
 
-def is_sqlite(engine_or_url: Engine | str) -> bool:
-    url = engine_or_url.url if isinstance(engine_or_url, Engine) else make_url(engine_or_url)
-    return url.get_backend_name() == "sqlite"
-
-
 def sqlite_path(engine_or_url: Engine | str) -> Path | None:
     """The database file of an SQLite URL; None for other databases and in-memory SQLite."""
     url = engine_or_url.url if isinstance(engine_or_url, Engine) else make_url(engine_or_url)

@@ -489,14 +489,6 @@ def store_error(session: Session, job: Job, reason: str, *, retry_after: float =
     return True
 
 
-def set_content_hash(session: Session, job: Job, content_hash: str) -> bool:
-    photo = _current(session, job)
-    if photo is None:
-        return False
-    photo.content_hash = content_hash
-    return True
-
-
 def requeue(session: Session, *, outdated: tuple[str, str] | None = None, errors: bool = False,
             everything: bool = False, root: AlbumRoot | None = None, under: str = "") -> int:
     """Queue photos for re-tagging (``phototag retag``, the nightly job); returns how many.

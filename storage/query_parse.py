@@ -109,10 +109,6 @@ class Query:
     alternatives: list[list[Term]] = field(default_factory=list)
     sort: list[SortKey] = field(default_factory=list)
 
-    @property
-    def tag_terms(self) -> list[TagTerm]:
-        return [t for alt in self.alternatives for t in alt if isinstance(t, TagTerm)]
-
 
 def split_query(text: str) -> list[str]:
     """Split a query typed as one string the way a shell would (for tests and the Python API)."""
