@@ -32,7 +32,15 @@ from typing import TYPE_CHECKING, Protocol
 from sqlalchemy import Engine, func, select
 
 from daemon import keyword_sync
-from daemon.scan import FileFacts, PhotoFilter, chunks, file_facts, root_available, scan_tree
+from daemon.scan import (
+    FileFacts,
+    PhotoFilter,
+    chunks,
+    file_facts,
+    root_available,
+    scan_tree,
+    walk_photos,
+)
 from storage import library
 from storage.db import read_session, write_session
 from storage.library import Job
@@ -157,6 +165,25 @@ class LazyTagger:
         head = list(itertools.islice(paths, CALIBRATION_SAMPLE))
         if head:
             yield from self.load(head).tag_files(itertools.chain(head, paths))
+
+
+def calibration_sample(engine: Engine, folders: Iterable[Path], photos: PhotoFilter,
+                       n: int = CALIBRATION_SAMPLE) -> Iterator[Path]:
+    """Photos to prepare int8 / "auto" on where no run of photos comes first (the daemon): a
+    random sample of the library, topped up with the first photos found in ``folders`` while the
+    library has fewer (a first start). Lazy: nothing is read unless the preparation needs it."""
+    with read_session(engine) as session:
+        sample = library.sample_paths(session, n)
+    yield from sample
+    seen = set(sample)
+    for folder in folders:
+        for relpath, _ in walk_photos(folder, photos):
+            if len(seen) >= n:
+                return
+            path = folder / relpath
+            if path not in seen:
+                seen.add(path)
+                yield path
 
 
 def sync_labels(engine: Engine, tagger: TaggerLike) -> None:

@@ -9,7 +9,7 @@ import fnmatch
 import hashlib
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path, PurePosixPath
@@ -77,6 +77,16 @@ class ScanResult:
 def scan_tree(root: Path, photo_filter: PhotoFilter, under: str = "") -> ScanResult:
     """Walk ``root``/``under`` recursively with os.scandir, not following symlinked folders."""
     result = ScanResult()
+    for relpath, stat in walk_photos(root, photo_filter, under, result):
+        result.files[relpath] = FileStat(stat.st_size, stat.st_mtime_ns)
+    return result
+
+
+def walk_photos(root: Path, photo_filter: PhotoFilter, under: str = "",
+                result: ScanResult | None = None) -> Iterator[tuple[str, os.stat_result]]:
+    """The photos under ``root``/``under`` as (relpath, stat), found lazily; folders and files
+    that cannot be read are noted in ``result`` (unreadable, problems) and skipped."""
+    result = result if result is not None else ScanResult()
     start = root.joinpath(*PurePosixPath(under).parts) if under else root
     stack: list[tuple[Path, str]] = [(start, under)]
     while stack:
@@ -102,8 +112,7 @@ def scan_tree(root: Path, photo_filter: PhotoFilter, under: str = "") -> ScanRes
             except OSError as e:
                 result.problems.append(f"{entry.path}: cannot read: {e.strerror or e}")
                 continue
-            result.files[relpath] = FileStat(stat.st_size, stat.st_mtime_ns)
-    return result
+            yield relpath, stat
 
 
 def root_available(root: Path) -> bool:

@@ -23,7 +23,8 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -362,7 +363,7 @@ class Daemon:
         self.notifier.status("upgrading database")
         self.engine = open_for_write(self.options.db_url, backup=True)
         self.notifier.status("loading the model")
-        self.tagger = self._load_tagger(self.config)
+        self.tagger = self._load_tagger(self.config, self.albums)
         indexer.sync_labels(self.engine, self.tagger)
         with write_session(self.engine) as session:
             for album in self.albums:
@@ -402,25 +403,55 @@ class Daemon:
             if not self.worker.alive or not self.applier.alive:
                 log.error("a worker thread died; exiting so that the service is restarted")
                 return EX_FAILURE
-            stalled = (self.worker.busy and time.monotonic() - self.worker.heartbeat
-                       > self.config.daemon.stall_seconds)
-            if stalled:
-                log.error("the batch worker made no progress for %.0f s; not pinging the "
-                          "watchdog", time.monotonic() - self.worker.heartbeat)
-            elif interval:
-                self.notifier.watchdog()
+            if interval:
+                self._ping_watchdog_unless_stalled()
+
+    def _ping_watchdog_unless_stalled(self) -> None:
+        assert self.worker is not None
+        stalled_for = time.monotonic() - self.worker.heartbeat
+        if self.worker.busy and stalled_for > self.config.daemon.stall_seconds:
+            log.error("the batch worker made no progress for %.0f s; not pinging the watchdog",
+                      stalled_for)
+        else:
+            self.notifier.watchdog()
+
+    @contextmanager
+    def _watchdog_pinged(self) -> Iterator[None]:
+        """Keeps pinging the watchdog (unless the worker stalls) while the main loop is busy
+        with a long step: preparing an int8 model on reload can take minutes on a NAS."""
+        interval = watchdog_interval(self.config.daemon.watchdog_seconds)
+        if not interval:
+            yield
+            return
+        done = threading.Event()
+
+        def ping() -> None:
+            while not done.wait(interval):
+                self._ping_watchdog_unless_stalled()
+
+        pinger = threading.Thread(target=ping, name="watchdog-pinger", daemon=True)
+        pinger.start()
+        try:
+            yield
+        finally:
+            done.set()
+            pinger.join()
 
     # -- parts
 
-    def _load_tagger(self, config: Config) -> indexer.LazyTagger:
+    def _load_tagger(self, config: Config, albums: Sequence[AlbumConfig]) -> indexer.LazyTagger:
         """The configured model, loaded now: bad weights or labels fail the start (exit 78)
-        rather than every batch later."""
+        rather than every batch later. int8 / "auto" without a prepared model are prepared on a
+        sample of the library's photos (once; then cached)."""
         from tagger.backbones import ModelError
         from tagger.labels import LabelMapError
 
+        assert self.engine is not None
+        sample = indexer.calibration_sample(self.engine, [a.path for a in albums],
+                                            indexer.photo_filter(config))
         try:
             tagger = indexer.LazyTagger(config, self.options.model)
-            tagger.load()
+            tagger.load(calibration=sample)
         except (ModelError, LabelMapError) as e:
             raise StartupError(str(e), EX_CONFIG) from None
         return tagger
@@ -532,7 +563,8 @@ class Daemon:
         tagger = None
         if new.model != old.model or new.labels != old.labels:
             log.info("model settings changed: loading the model again")
-            tagger = self._load_tagger(new)
+            with self._watchdog_pinged():
+                tagger = self._load_tagger(new, albums)
         if new.daemon.nightly != old.daemon.nightly:
             self.scheduler.reschedule(new.daemon.nightly)
         if new.database != old.database:

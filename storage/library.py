@@ -101,6 +101,16 @@ def absolute_path(root: AlbumRoot, relpath: str) -> Path:
     return Path(root.path, *PurePosixPath(relpath).parts)
 
 
+def sample_paths(session: Session, n: int) -> list[Path]:
+    """Up to ``n`` photos of the library picked at random (absolute paths), leaving out the ones
+    that failed: a representative sample to calibrate int8 on."""
+    rows = session.execute(select(AlbumRoot.path, Photo.relpath)
+                           .join(AlbumRoot, Photo.root_id == AlbumRoot.id)
+                           .where(Photo.status != ERROR)
+                           .order_by(func.random()).limit(n))
+    return [Path(root, *PurePosixPath(relpath).parts) for root, relpath in rows]
+
+
 def locate(session: Session, path: str | os.PathLike) -> tuple[AlbumRoot, str] | None:
     """The root holding file ``path`` and its relpath there, or None if no root covers it.
 

@@ -73,6 +73,7 @@ class NotifySocket:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.messages: list[str] = []
+        self.received: list[tuple[float, str]] = []  # (time.monotonic(), message)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock.bind(str(path))
         self._sock.settimeout(0.2)
@@ -83,7 +84,9 @@ class NotifySocket:
     def _run(self) -> None:
         while not self._stop:
             try:
-                self.messages.append(self._sock.recv(4096).decode())
+                message = self._sock.recv(4096).decode()
+                self.received.append((time.monotonic(), message))
+                self.messages.append(message)
             except TimeoutError:
                 continue
             except OSError:
@@ -745,6 +748,54 @@ def test_reload_with_another_model_tags_new_photos_with_it(tmp_path, resnet18_we
         assert tagged(daemon.db, "first.jpg")["model"] == "resnet18"  # re-tagged only when asked
     finally:
         assert daemon.stop() == 0
+
+
+def test_int8_configured_by_reload_is_prepared_on_the_library_and_cached(tmp_path,
+                                                                          resnet18_weights):
+    """SIGHUP with precision = "int8" and nothing prepared: int8 is calibrated on a sample of the
+    library's photos while the watchdog keeps being pinged, cached, and reused at the next start.
+    (On a first start, with no photos in the library yet, the sample comes from the album
+    folders: test_index.py tests that part of it.)"""
+    pytest.importorskip("onnxruntime")
+    album = tmp_path / "album"
+    for i in range(10):
+        write_jpeg(album / f"{i}.jpg", i)
+    cache = tmp_path / "cache"
+    config = write_config(tmp_path / "config.toml", resnet18_weights, albums=[album])
+    config.write_text(config.read_text().replace(
+        "[model]\n", f'[model]\nruntime = "onnxruntime"\ncache_dir = "{cache}"\n'))
+    notify = NotifySocket(tmp_path / "notify.sock")
+    daemon = DaemonProcess(tmp_path, config, tmp_path / "p.db",
+                           env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000"})
+    try:
+        daemon.wait_ready()
+        for i in range(10):
+            wait_until(lambda i=i: tagged(daemon.db, f"{i}.jpg"), what=f"{i}.jpg tagged")
+        config.write_text(config.read_text().replace("[model]\n", '[model]\nprecision = "int8"\n'))
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_log("configuration reloaded", timeout=120)
+        assert "quantizing resnet18 to int8 on 10 photos" in daemon.log()
+        assert "resnet18: int8 on onnxruntime: int8 as configured" in daemon.log()
+        # The watchdog was pinged (every 0.5 s) all through the reload's preparation.
+        reloading = next(t for t, m in notify.received if m.startswith("RELOADING=1"))
+        ready = next(t for t, m in notify.received if t > reloading and "READY=1" in m)
+        pings = [reloading] + [t for t, m in notify.received
+                               if m == "WATCHDOG=1" and reloading < t < ready] + [ready]
+        assert max(b - a for a, b in zip(pings, pings[1:])) < 2.0, (ready - reloading, pings)
+    finally:
+        assert daemon.stop() == 0
+        notify.close()
+    assert len(list(cache.glob("prepared/resnet18-*-int8-*.onnx"))) == 1
+
+    again = DaemonProcess(tmp_path, config, tmp_path / "p.db")
+    try:
+        again.wait_ready()
+        assert "resnet18: int8 on onnxruntime: int8 as configured" in again.log()
+        assert "quantizing" not in again.log()
+        write_jpeg(album / "new.jpg", 42)
+        assert wait_until(lambda: tagged(again.db, "new.jpg"), what="new.jpg tagged")["tags"] > 0
+    finally:
+        assert again.stop() == 0
 
 
 def test_a_stalled_batch_stops_the_watchdog_pings_and_loses_nothing(tmp_path, resnet18_weights):

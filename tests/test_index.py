@@ -278,6 +278,32 @@ def test_meta(engine):
         assert library.get_meta(s, "k") == "2"
 
 
+def test_calibration_sample_is_the_library_topped_up_from_the_albums(engine, tmp_path):
+    """What the daemon prepares int8 on: a random sample of the library's photos (never the
+    failed ones), topped up from the album folders while the library has too few."""
+    from daemon.indexer import calibration_sample
+
+    indexed, fresh = tmp_path / "indexed", tmp_path / "fresh"
+    for i in range(6):
+        write_jpeg(indexed / f"{i}.jpg", i)
+        write_jpeg(fresh / "sub" / f"{i}.jpg", 10 + i)
+    write_jpeg(fresh / "@eaDir" / "thumb.jpg", 99)  # excluded: never a sample
+    with write_session(engine) as s:
+        root, _ = library.ensure_root(s, indexed)
+        library.add_new_files(s, root, [(f"{i}.jpg", 1, 1) for i in range(6)])
+        s.execute(Photo.__table__.update().where(Photo.relpath == "5.jpg").values(status=ERROR))
+    photos = PhotoFilter(DEFAULT_EXCLUDE, DEFAULT_EXTENSIONS)
+    library_photos = {indexed / f"{i}.jpg" for i in range(5)}
+
+    few = list(calibration_sample(engine, [fresh], photos, n=3))
+    assert len(few) == 3 and set(few) <= library_photos
+
+    many = list(calibration_sample(engine, [fresh], photos, n=20))
+    assert len(many) == len(set(many)) == 11  # 5 from the library + the 6 found in fresh/sub
+    assert set(many[:5]) == library_photos
+    assert set(many[5:]) == {fresh / "sub" / f"{i}.jpg" for i in range(6)}
+
+
 # --- `phototag index` with the real tagger --------------------------------------------------
 
 
