@@ -3,7 +3,9 @@
 Three steps, each safe to interrupt at any moment:
 
 1. ``reconcile`` scans a folder and records new and changed files as ``pending`` photos (short
-   write transactions; no model involved). Unchanged files (same path, size, mtime) are left alone.
+   write transactions; no model involved). Unchanged files (same path, size, mtime) are left alone,
+   except that a tagged photo whose XMP sidecars changed since their keywords were read (edited in
+   digiKam or Lightroom while no daemon watched) has its keywords read again, without a re-tag.
 2. ``remove_gone`` settles the photos whose files are gone, but only when the album root is there
    and not empty, so an unmounted share is never read as "everything was deleted". A gone photo
    whose content turns up as a pending file (same size, then same hash) was moved or renamed: it
@@ -82,12 +84,15 @@ class Summary:
     failed: int = 0
     unchanged: int = 0
     tagged: int = 0
+    keywords_read: int = 0  # tagged photos whose changed sidecars were read again
     seconds: float = 0.0
     new_keys: set[tuple[int, str]] = field(default_factory=set, repr=False)
 
     def line(self) -> str:
         counts = (f"{self.new} new, {self.changed} changed, {self.moved} moved, "
                   f"{self.removed} removed, {self.failed} failed, {self.unchanged} unchanged")
+        if self.keywords_read:
+            counts += f", {self.keywords_read} with changed sidecars read again"
         if self.tagged and self.seconds > 0:
             counts += (f" ({self.tagged} tagged in {self.seconds:.1f} s, "
                        f"{self.tagged / self.seconds:.1f} photos/s)")
@@ -217,6 +222,11 @@ def reconcile(engine: Engine, folder: Path, photos: PhotoFilter, *,
                if relpath in known and (known[relpath].size, known[relpath].mtime_ns)
                != (stat.size, stat.mtime_ns)]
     summary.unchanged += len(scan.files) - len(new) - len(changed)
+    changed_ids = {photo_id for photo_id, _, _ in changed}
+    sidecar_edited = [(known[relpath].id, root_path / relpath) for relpath in scan.files
+                      if relpath in known and known[relpath].id not in changed_ids
+                      and known[relpath].status == TAGGED
+                      and known[relpath].sidecar_state != scan.sidecar_state(relpath)]
 
     for chunk in chunks(new, WRITE_CHUNK):
         with write_session(engine) as session:
@@ -234,6 +244,12 @@ def reconcile(engine: Engine, folder: Path, photos: PhotoFilter, *,
                          for photo_id, size, mtime_ns in chunk)
         summary.changed += queued
         summary.unchanged += len(chunk) - queued
+    for chunk in chunks(sidecar_edited, WRITE_CHUNK):
+        read = [(photo_id, *keyword_sync.read_photo_keywords(path)) for photo_id, path in chunk]
+        with write_session(engine) as session:
+            for photo_id, keywords, state in read:
+                keyword_sync.store_keywords(session, photo_id, keywords, sidecar_state=state)
+        summary.keywords_read += len(read)
     return Reconciled(root_id, root_path, under, available, set(scan.files), scan.unreadable)
 
 
@@ -437,7 +453,8 @@ def _store(engine: Engine, tagger: TaggerLike | None, waiting: _Pending, retry_a
                 height=result.height, taken_at=facts.taken_at, content_hash=facts.content_hash)
             counts.tagged += stored
             if stored:
-                keyword_sync.store_keywords(session, job.photo_id, facts.keywords)
+                keyword_sync.store_keywords(session, job.photo_id, facts.keywords,
+                                            sidecar_state=facts.sidecar_state)
         for job, reason in waiting.errors:
             if library.store_error(session, job, reason, retry_after=retry_after):
                 counts.failed += 1

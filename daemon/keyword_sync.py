@@ -43,6 +43,7 @@ from storage.keywords import (
     WrittenKeywords,
     normalize_tags,
     read_keywords,
+    sidecar_state,
     write_keywords,
 )
 from storage.models import (
@@ -381,14 +382,18 @@ def load_targets(session: Session, photo_ids: Collection[int],
 # --- reading the user's keywords ------------------------------------------------------------
 
 
-def read_photo_keywords(path: Path | str) -> list[str]:
-    """Keywords the photo file and its sidecars carry (no database; safe in a worker thread).
-    Unreadable sources are logged and skipped."""
-    return read_keywords(path)
+def read_photo_keywords(path: Path | str) -> tuple[list[str], str | None]:
+    """Keywords the photo file and its sidecars carry, and the sidecars' state (``sidecar_state``)
+    taken just before, so that an edit made while reading is seen by the next scan. No database;
+    safe in a worker thread. Unreadable sources are logged and skipped."""
+    state = sidecar_state(Path(path))
+    return read_keywords(path), state
 
 
-def store_keywords(session: Session, photo_id: int, keywords: Iterable[str]) -> list[str]:
-    """Make the photo's ``keyword`` tags exactly ``keywords`` minus those phototag wrote itself.
+def store_keywords(session: Session, photo_id: int, keywords: Iterable[str], *,
+                   sidecar_state: str | None) -> list[str]:
+    """Make the photo's ``keyword`` tags exactly ``keywords`` minus those phototag wrote itself,
+    and record the state of the sidecars they were read from.
 
     A keyword matches an existing tag by name, then by name ignoring case, then by Chinese name;
     otherwise a tag is created (``from_mapping=False``). Returns the tag names now attached.
@@ -396,6 +401,7 @@ def store_keywords(session: Session, photo_id: int, keywords: Iterable[str]) -> 
     photo = session.get(Photo, photo_id)
     if photo is None:
         return []
+    photo.sidecar_state = sidecar_state
     ours = set(previous_keywords(photo))
     tag_ids: dict[int, str] = {}
     for keyword in keywords:
@@ -413,7 +419,8 @@ def store_keywords(session: Session, photo_id: int, keywords: Iterable[str]) -> 
 
 def import_keywords(session: Session, photo_id: int, path: Path | str) -> list[str]:
     """``store_keywords`` with the keywords read from the photo at ``path`` now."""
-    return store_keywords(session, photo_id, read_photo_keywords(path))
+    keywords, state = read_photo_keywords(path)
+    return store_keywords(session, photo_id, keywords, sidecar_state=state)
 
 
 def _tag_for_keyword(session: Session, keyword: str) -> Tag:

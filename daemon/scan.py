@@ -70,8 +70,19 @@ class ScanResult:
     """
 
     files: dict[str, FileStat] = field(default_factory=dict)
+    sidecars: dict[str, FileStat] = field(default_factory=dict)  # the XMP sidecars found
     unreadable: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+
+    def sidecar_state(self, relpath: str) -> str | None:
+        """``storage.keywords.sidecar_state`` of the photo at ``relpath``, from this listing."""
+        from storage.keywords import sidecar_state
+
+        def lookup(path: Path) -> tuple[int, int] | None:
+            found = self.sidecars.get(path.as_posix())
+            return (found.size, found.mtime_ns) if found else None
+
+        return sidecar_state(Path(relpath), lookup)
 
 
 def scan_tree(root: Path, photo_filter: PhotoFilter, under: str = "") -> ScanResult:
@@ -85,7 +96,10 @@ def scan_tree(root: Path, photo_filter: PhotoFilter, under: str = "") -> ScanRes
 def walk_photos(root: Path, photo_filter: PhotoFilter, under: str = "",
                 result: ScanResult | None = None) -> Iterator[tuple[str, os.stat_result]]:
     """The photos under ``root``/``under`` as (relpath, stat), found lazily; folders and files
-    that cannot be read are noted in ``result`` (unreadable, problems) and skipped."""
+    that cannot be read are noted in ``result`` (unreadable, problems) and skipped, the XMP
+    sidecars met on the way in its ``sidecars``."""
+    from storage.keywords import is_sidecar_name
+
     result = result if result is not None else ScanResult()
     start = root.joinpath(*PurePosixPath(under).parts) if under else root
     stack: list[tuple[Path, str]] = [(start, under)]
@@ -105,6 +119,10 @@ def walk_photos(root: Path, photo_filter: PhotoFilter, under: str = "",
             try:
                 if entry.is_dir(follow_symlinks=False):
                     stack.append((Path(entry.path), relpath))
+                    continue
+                if is_sidecar_name(entry.name) and entry.is_file():
+                    stat = entry.stat()
+                    result.sidecars[relpath] = FileStat(stat.st_size, stat.st_mtime_ns)
                     continue
                 if not photo_filter.wanted_name(entry.name) or not entry.is_file():
                     continue
@@ -136,19 +154,21 @@ class FileFacts:
     taken_at: datetime | None
     error: str | None = None
     keywords: list[str] = field(default_factory=list)  # the user's own, from sidecars/EXIF/XMP
+    sidecar_state: str | None = None  # of the sidecars the keywords were read from
 
 
 def file_facts(path: Path) -> FileFacts:
     """The file's content hash, EXIF DateTimeOriginal and existing keywords; ``error`` if the file
     cannot be read. Keyword sources that cannot be parsed are logged and skipped."""
-    from storage.keywords import read_keywords
+    from daemon.keyword_sync import read_photo_keywords
 
     try:
         with open(path, "rb") as f:
             digest = hashlib.file_digest(f, CONTENT_HASH).hexdigest()
     except OSError as e:
         return FileFacts(None, None, error=f"cannot read: {e.strerror or e}")
-    return FileFacts(digest, read_taken_at(path), keywords=read_keywords(path))
+    keywords, state = read_photo_keywords(path)
+    return FileFacts(digest, read_taken_at(path), keywords=keywords, sidecar_state=state)
 
 
 # EXIF tags: DateTimeOriginal and DateTimeDigitized live in the Exif IFD (0x8769).

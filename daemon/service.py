@@ -199,8 +199,8 @@ class ChangeApplier:
             # Files are read before the write transaction, not while it holds the lock.
             sidecar_keywords = self._read_sidecar_keywords(chunk)
             with write_session(self.engine) as session:
-                for path, keywords in sidecar_keywords.items():
-                    self._store_sidecar_keywords(session, path, keywords)
+                for path, (keywords, state) in sidecar_keywords.items():
+                    self._store_sidecar_keywords(session, path, keywords, state)
                 for change in chunk:
                     if not _sidecars(change):
                         queued |= self._apply(session, change)
@@ -244,12 +244,12 @@ class ChangeApplier:
             return False
         raise ValueError(f"unknown change {change.kind!r}")
 
-    def _read_sidecar_keywords(self, chunk: list[Change]) -> dict[Path, list[str]]:
+    def _read_sidecar_keywords(self, chunk: list[Change]) -> dict[Path, tuple[list[str], str | None]]:
         """The photos of the sidecars written, replaced or deleted in ``chunk`` (by the user's
-        photo manager, or by us) and the keywords their files carry now."""
+        photo manager, or by us), the keywords their files carry now and their sidecars' state."""
         if self.photo_filter is None:
             return {}
-        found: dict[Path, list[str]] = {}
+        found: dict[Path, tuple[list[str], str | None]] = {}
         for change in chunk:
             for sidecar in _sidecars(change):
                 for path in photos_of_sidecar(sidecar, self.photo_filter.extensions):
@@ -257,13 +257,14 @@ class ChangeApplier:
                         found[path] = keyword_sync.read_photo_keywords(path)
         return found
 
-    def _store_sidecar_keywords(self, session, path: Path, keywords: list[str]) -> None:
+    def _store_sidecar_keywords(self, session, path: Path, keywords: list[str],
+                                state: str | None) -> None:
         """A tagged photo's keywords, read again after its sidecar changed. (A photo not tagged
         yet gets them when it is tagged.)"""
         found = library.locate(session, path)
         photo = library.photo_at(session, *found) if found else None
         if photo is not None and photo.status == TAGGED:
-            names = keyword_sync.store_keywords(session, photo.id, keywords)
+            names = keyword_sync.store_keywords(session, photo.id, keywords, sidecar_state=state)
             log.debug("keywords of %s from its sidecar: %s", path, ", ".join(names))
 
     def _seen(self, session, path: Path) -> bool:
@@ -292,9 +293,11 @@ class ChangeApplier:
             indexer.remove_gone(self.engine, scanned, summary=summary)
             if summary.new or summary.changed:
                 self.on_queued()
-            log.info("rescanned %s (%s) in %.1f s: %d new, %d changed, %d removed, %d unchanged",
-                     change.root, change.reason, time.monotonic() - started, summary.new,
-                     summary.changed, summary.removed, summary.unchanged)
+            log.info("rescanned %s (%s) in %.1f s: %d new, %d changed, %d removed, %d unchanged"
+                     "%s", change.root, change.reason, time.monotonic() - started, summary.new,
+                     summary.changed, summary.removed, summary.unchanged,
+                     f", {summary.keywords_read} with changed sidecars read again"
+                     if summary.keywords_read else "")
         except Exception:
             log.exception("rescan of %s failed", change.root)
         finally:

@@ -213,12 +213,13 @@ class KnownFile:
     mtime_ns: int
     status: str
     content_hash: str | None
+    sidecar_state: str | None
 
 
 def known_files(session: Session, root: AlbumRoot, under: str = "") -> dict[str, KnownFile]:
     """relpath -> KnownFile for the photos of ``root`` (inside folder ``under`` if given)."""
     query = select(Photo.relpath, Photo.id, Photo.size, Photo.mtime_ns, Photo.status,
-                   Photo.content_hash).where(Photo.root_id == root.id)
+                   Photo.content_hash, Photo.sidecar_state).where(Photo.root_id == root.id)
     if under:
         query = query.where(Photo.relpath.startswith(under + "/", autoescape=True))
     return {relpath: KnownFile(*rest) for relpath, *rest in session.execute(query).all()}

@@ -80,6 +80,9 @@ photo = Table(
     # "<size> <sha256>" of phototag's keyword rewrite of this JPEG while it is being put in place
     # (committed before the rename, cleared after): a file that matches it is phototag's own write.
     Column("own_write", String(100)),
+    # The photo's XMP sidecars ("<size>:<mtime_ns>" per naming, see storage.keywords.sidecar_state)
+    # when the keywords in them were last read: a scan that finds them different reads them again.
+    Column("sidecar_state", String(100)),
     UniqueConstraint("root_id", "relpath", name="uq_photo_root_relpath"),
     Index("ix_photo_status_retry", "status", "retry_at"),
     Index("ix_photo_content_hash", "content_hash"),

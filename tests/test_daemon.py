@@ -537,6 +537,41 @@ def test_keywords_the_user_edits_in_sidecars_become_searchable(running):
     assert tagged(running.db, "sidecar-edits/oma.jpg")["tagged_at"] == tagged_at  # not re-tagged
 
 
+@pytest.mark.skipif(shutil.which("exiftool") is None, reason="exiftool is not installed")
+def test_sidecars_edited_while_the_daemon_was_stopped_are_read_at_start(tmp_path,
+                                                                      resnet18_weights):
+    """digiKam edits a sidecar while the daemon is stopped: the start-up rescan reads the
+    keywords again (no re-tag); a sidecar already read while the daemon watched is not."""
+    album = tmp_path / "album"
+    write_jpeg(album / "a.jpg", 1)
+    write_jpeg(album / "b.jpg", 2)
+    config = write_config(tmp_path / "config.toml", resnet18_weights, albums=[album])
+    db = tmp_path / "p.db"
+    daemon = DaemonProcess(tmp_path, config, db)
+    try:
+        daemon.wait_ready()
+        tagged_at = wait_until(lambda: tagged(db, "a.jpg"))["tagged_at"]
+        wait_until(lambda: tagged(db, "b.jpg"))
+        subprocess.run(["exiftool", "-q", "-o", str(album / "b.jpg.xmp"), "-XMP-dc:Subject=Oma",
+                        str(album / "b.jpg")], check=True)
+        wait_until(lambda: keyword_tags(db, "b.jpg") == {"Oma"}, what="b.jpg's sidecar read")
+    finally:
+        assert daemon.stop() == 0
+
+    subprocess.run(["exiftool", "-q", "-o", str(album / "a.jpg.xmp"), "-XMP-dc:Subject=Opa",
+                    str(album / "a.jpg")], check=True)
+    daemon = DaemonProcess(tmp_path, config, db)
+    try:
+        daemon.wait_ready()
+        wait_until(lambda: keyword_tags(db, "a.jpg") == {"Opa"}, what="a.jpg's sidecar read")
+        daemon.wait_log("rescanned")
+        assert "2 unchanged, 1 with changed sidecars read again" in daemon.log()  # a, not b
+        assert tagged(db, "a.jpg")["tagged_at"] == tagged_at  # keywords only: no re-tag
+        assert keyword_tags(db, "b.jpg") == {"Oma"}
+    finally:
+        assert daemon.stop() == 0
+
+
 def test_zz_sigterm_exits_cleanly(running):
     """Last: SIGTERM gives STOPPING=1 and exit 0, with batch logs of the run."""
     code = running.daemon.stop()

@@ -634,3 +634,55 @@ def test_users_own_keywords_are_indexed_and_searchable(lib):
     assert lib.run("search", "oma").output.splitlines() == [str(photo)]
     assert str(photo) in lib.run("search", "海滩").output.splitlines()
     assert lib.run("search", "Großmutter").output.splitlines() == [str(lib.album / "2024/img1.jpg")]
+
+
+def test_sidecars_edited_between_runs_are_read_again_without_a_re_tag(lib, inferred):
+    """A sidecar written, changed or deleted (here by exiftool) while nothing watched: the next
+    `phototag index` reads the photo's keywords again; the photo is not tagged again."""
+    lib.index()
+    photo = lib.album / "2024/img2.jpg"
+    sidecar = lib.album / "2024/img2.jpg.xmp"
+    tagged_at = lib.photos()["2024/img2.jpg"]["tagged_at"]
+    inferred.clear()
+
+    subprocess.run(["exiftool", "-q", "-o", str(sidecar), "-XMP-dc:Subject=Oma", str(photo)],
+                   check=True)
+    result = lib.index()
+    assert "1 with changed sidecars read again" in summary_of(result.output)
+    assert lib.run("search", "Oma").output.splitlines() == [str(photo)]
+
+    # Lightroom's naming (IMG.xmp) beside the first one, with another keyword.
+    subprocess.run(["exiftool", "-q", "-o", str(lib.album / "2024/img2.xmp"),
+                    "-XMP-dc:Subject=Opa", str(photo)], check=True)
+    lib.index()
+    assert lib.run("search", "Opa").output.splitlines() == [str(photo)]
+    assert lib.run("search", "Oma").output.splitlines() == [str(photo)]
+
+    result = lib.index()  # nothing changed: nothing read again
+    assert "sidecars read again" not in summary_of(result.output)
+
+    sidecar.unlink()
+    (lib.album / "2024/img2.xmp").unlink()
+    result = lib.index()
+    assert "1 with changed sidecars read again" in summary_of(result.output)
+    assert lib.run("search", "Oma", ok=False).output.strip() == ""
+    assert inferred == []  # keywords only: the model never ran
+    assert lib.photos()["2024/img2.jpg"]["tagged_at"] == tagged_at
+
+
+def test_scan_listing_and_disk_give_the_same_sidecar_state(tmp_path):
+    """The scan computes a photo's sidecar state from its folder listing, the readers with
+    os.stat: both must agree, or every scan would read keywords again."""
+    from storage.keywords import sidecar_state
+
+    photo = write_jpeg(tmp_path / "a/IMG_1.jpg", 1)
+    assert sidecar_state(photo) is None
+    (tmp_path / "a/IMG_1.jpg.xmp").write_bytes(b"<x/>")
+    appended = sidecar_state(photo)
+    assert appended is not None and appended.endswith(" -")
+    (tmp_path / "a/IMG_1.xmp").write_bytes(b"<xx/>")
+    both = sidecar_state(photo)
+    assert both.startswith(appended[:-1]) and not both.endswith(" -")
+    scan = scan_tree(tmp_path, PhotoFilter(DEFAULT_EXCLUDE, DEFAULT_EXTENSIONS))
+    assert scan.sidecar_state("a/IMG_1.jpg") == both
+    assert set(scan.files) == {"a/IMG_1.jpg"}  # sidecars are not photos

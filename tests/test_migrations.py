@@ -64,10 +64,10 @@ def dump(path: Path) -> dict[str, list[tuple]]:
 
 def dump_without_new_columns(path: Path) -> dict[str, list[tuple]]:
     """``dump`` of a database upgraded from 0001, without the columns added since (which must
-    be empty): photo.own_write (0004), the last column."""
+    be empty): photo.own_write (0004) and photo.sidecar_state (0005), the last two columns."""
     tables = dump(path)
-    assert {row[-1] for row in tables["photo"]} == {None}
-    tables["photo"] = [row[:-1] for row in tables["photo"]]
+    assert {row[-2:] for row in tables["photo"]} == {(None, None)}
+    tables["photo"] = [row[:-2] for row in tables["photo"]]
     return tables
 
 

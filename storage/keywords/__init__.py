@@ -7,7 +7,14 @@ See :func:`write_keywords` and :func:`read_keywords`.
 from __future__ import annotations
 
 from .result import KeywordWriteError, PendingWrite, WrittenKeywords
-from .sidecar import APPEND, REPLACE, is_sidecar_name, photos_of_sidecar, sidecar_path
+from .sidecar import (
+    APPEND,
+    REPLACE,
+    is_sidecar_name,
+    photos_of_sidecar,
+    sidecar_path,
+    sidecar_state,
+)
 from .tagpaths import ROOT, KeywordPath, normalize_tags
 from .writer import EMBEDDED, MODES, SIDECAR, read_keywords, write_keywords
 
@@ -27,5 +34,6 @@ __all__ = [
     "photos_of_sidecar",
     "read_keywords",
     "sidecar_path",
+    "sidecar_state",
     "write_keywords",
 ]

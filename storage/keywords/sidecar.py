@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from . import xmp
@@ -47,6 +47,27 @@ def sidecar_path(photo: Path, naming: str = APPEND) -> Path:
     if naming == REPLACE:
         return photo.with_suffix(".xmp")
     raise ValueError(f"sidecar naming must be one of {NAMINGS}, not {naming!r}")
+
+
+def sidecar_state(photo: Path, lookup: Callable[[Path], tuple[int, int] | None] | None = None
+                  ) -> str | None:
+    """The photo's sidecars, both namings, as ``"<size>:<mtime_ns>"`` each (``-`` for a missing
+    one); None when it has neither. Stored with the keywords read from them, so that a scan can
+    tell that a sidecar changed since without reading it. ``lookup``: (size, mtime_ns) of a path
+    or None, from a folder listing already made (default: os.stat)."""
+    lookup = lookup or _size_mtime
+    found = [lookup(sidecar_path(photo, naming)) for naming in NAMINGS]
+    if all(f is None for f in found):
+        return None
+    return " ".join("-" if f is None else f"{f[0]}:{f[1]}" for f in found)
+
+
+def _size_mtime(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
 
 
 def read_sidecar(path: Path) -> tuple[xmp.XmpDoc, os.stat_result] | None:
