@@ -386,7 +386,7 @@ def read_photo_keywords(path: Path | str) -> tuple[list[str], str | None]:
     """Keywords the photo file and its sidecars carry, and the sidecars' state (``sidecar_state``)
     taken just before, so that an edit made while reading is seen by the next scan. No database;
     safe in a worker thread. Unreadable sources are logged and skipped."""
-    state = sidecar_state(Path(path))
+    state = sidecar_state(path)
     return read_keywords(path), state
 
 

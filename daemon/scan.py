@@ -78,11 +78,11 @@ class ScanResult:
         """``storage.keywords.sidecar_state`` of the photo at ``relpath``, from this listing."""
         from storage.keywords import sidecar_state
 
-        def lookup(path: Path) -> tuple[int, int] | None:
-            found = self.sidecars.get(path.as_posix())
-            return (found.size, found.mtime_ns) if found else None
+        return sidecar_state(relpath, self._sidecar_stat) if self.sidecars else None
 
-        return sidecar_state(Path(relpath), lookup)
+    def _sidecar_stat(self, relpath: str) -> tuple[int, int] | None:
+        found = self.sidecars.get(relpath)
+        return (found.size, found.mtime_ns) if found else None
 
 
 def scan_tree(root: Path, photo_filter: PhotoFilter, under: str = "") -> ScanResult:

@@ -41,28 +41,33 @@ def photos_of_sidecar(sidecar: Path, extensions: Collection[str]) -> list[Path]:
     return sorted(path for path in candidates if path.is_file())
 
 
+def sidecar_names(photo: str) -> tuple[str, str]:
+    """A photo's sidecar in each naming, in NAMINGS order: IMG_1.jpg.xmp, IMG_1.xmp (a name or a
+    path in, the same out)."""
+    return photo + SUFFIX, os.path.splitext(photo)[0] + SUFFIX
+
+
 def sidecar_path(photo: Path, naming: str = APPEND) -> Path:
-    if naming == APPEND:
-        return photo.with_name(photo.name + ".xmp")
-    if naming == REPLACE:
-        return photo.with_suffix(".xmp")
-    raise ValueError(f"sidecar naming must be one of {NAMINGS}, not {naming!r}")
+    if naming not in NAMINGS:
+        raise ValueError(f"sidecar naming must be one of {NAMINGS}, not {naming!r}")
+    return photo.with_name(sidecar_names(photo.name)[NAMINGS.index(naming)])
 
 
-def sidecar_state(photo: Path, lookup: Callable[[Path], tuple[int, int] | None] | None = None
-                  ) -> str | None:
+def sidecar_state(photo: str | os.PathLike,
+                  lookup: Callable[[str], tuple[int, int] | None] | None = None) -> str | None:
     """The photo's sidecars, both namings, as ``"<size>:<mtime_ns>"`` each (``-`` for a missing
     one); None when it has neither. Stored with the keywords read from them, so that a scan can
     tell that a sidecar changed since without reading it. ``lookup``: (size, mtime_ns) of a path
     or None, from a folder listing already made (default: os.stat)."""
     lookup = lookup or _size_mtime
-    found = [lookup(sidecar_path(photo, naming)) for naming in NAMINGS]
-    if all(f is None for f in found):
+    append, replace = sidecar_names(os.fspath(photo))  # a path works as well as a name
+    found = lookup(append), lookup(replace)
+    if found == (None, None):
         return None
     return " ".join("-" if f is None else f"{f[0]}:{f[1]}" for f in found)
 
 
-def _size_mtime(path: Path) -> tuple[int, int] | None:
+def _size_mtime(path: str) -> tuple[int, int] | None:
     try:
         st = os.stat(path)
     except OSError:
