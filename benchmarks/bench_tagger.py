@@ -94,6 +94,37 @@ def run_tagger(paths: list[Path], tagger: Tagger) -> dict:
             "preprocess": s.preprocess / n, "inference": s.inference / n, "rss": rss.peak}
 
 
+def make_predictor(backbone, model, runtime: str):
+    """B's predictor: torch (channels-last, as phototag's fp32 runs it) or ONNX Runtime."""
+    if runtime == "torch":
+        import copy
+
+        from tagger.torch_runtime import ChannelsLast
+
+        return TorchPredictor(ChannelsLast(copy.deepcopy(model)), backbone)  # A keeps its model
+    from tagger.onnx_runtime import OrtPredictor, export_onnx
+
+    path = Path(tempfile.mkdtemp()) / f"{backbone.name}.onnx"
+    export_onnx(model, backbone.crop, path)
+    return OrtPredictor(path, backbone, 1)
+
+
+def compare_splits(paths: list[Path], make_tagger, splits: str, repeat: int) -> None:
+    """B with each inference+decode thread split, the splits interleaved run by run so that a
+    busy spell of the machine hurts them alike; prints each run's images/s and the median."""
+    import statistics
+
+    pairs = [tuple(int(n) for n in split.split("+")) for split in splits.split(",")]
+    rates: dict[tuple[int, int], list[float]] = {pair: [] for pair in pairs}
+    for _ in range(repeat):
+        for pair in pairs:
+            rates[pair].append(run_tagger(paths, make_tagger(*pair))["rate"])
+    print(f"\nthread splits (inference+decode), images/s over {repeat} interleaved runs:")
+    for (threads, decode), values in rates.items():
+        runs = " ".join(f"{v:5.1f}" for v in values)
+        print(f"  {threads}+{decode}: median {statistics.median(values):5.1f}   runs {runs}")
+
+
 def agreement(paths: list[Path], batch_size: int) -> tuple[int, int]:
     """Photos whose top-1 class is the same with phototag's and the reference preprocessing."""
     import platformdirs
@@ -132,6 +163,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=0, help="inference threads (0: chosen for the cores)")
     parser.add_argument("--decode-threads", type=int, default=0, help="decode threads (0: chosen)")
+    parser.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
+                        help="what runs B's model (default torch; A is always torch)")
+    parser.add_argument("--splits", metavar="I+D[,I+D...]",
+                        help="also run B with these inference+decode thread splits side by side, "
+                             "e.g. 1+1,1+2,2+2 (each --repeat times, interleaved)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per split (default 3)")
     parser.add_argument("--skip-naive", action="store_true", help="run only phototag's pipeline")
     parser.add_argument("--agreement-folder", type=Path,
                         help="real photos for the top-1 agreement check (EfficientNet-Lite0 real weights)")
@@ -149,9 +186,14 @@ def main() -> None:
     backbone = get_backbone(args.model)
     model = backbone.build(args.weights)
     weights = str(args.weights) if args.weights else "random weights"
-    tagger = Tagger(backbone, TorchPredictor(model, backbone), load_label_map(), batch_size=args.batch_size,
-                    threads=args.threads, decode_threads=args.decode_threads)
-    print(f"{len(paths)} photos from {paths[0].parent}; {args.model} ({weights}), float32; "
+    predictor = make_predictor(backbone, model, args.runtime)
+
+    def make_tagger(threads: int, decode_threads: int) -> Tagger:
+        return Tagger(backbone, predictor, load_label_map(), batch_size=args.batch_size,
+                      threads=threads, decode_threads=decode_threads)
+
+    tagger = make_tagger(args.threads, args.decode_threads)
+    print(f"{len(paths)} photos from {paths[0].parent}; {args.model} ({weights}), float32 on {args.runtime}; "
           f"{cpu_count()} cores (default split: {default_threads(cpu_count())[0]} inference, "
           f"{default_threads(cpu_count())[1]} decode threads)")
     with torch.inference_mode():  # first calls allocate and pick kernels; keep that out of the timings
@@ -174,6 +216,8 @@ def main() -> None:
           " preprocess is resize+crop: normalising is part of the batch's inference)")
     if not args.skip_naive:
         print(f"B/A = {fast['rate'] / naive['rate']:.1f}x")
+    if args.splits:
+        compare_splits(paths, make_tagger, args.splits, args.repeat)
     if args.agreement_folder:
         real = folder_photos(args.agreement_folder, args.agreement_count)
         same, total = agreement(real, args.batch_size)

@@ -59,11 +59,15 @@ def cpu_count() -> int:
 def default_threads(cores: int) -> tuple[int, int]:
     """``(inference threads, decode threads)`` for ``cores`` cores.
 
-    Decoding a 12 MP JPEG (~25-30 ms even in draft mode) costs about as much as ResNet-18 inference
-    per image, and Pillow runs without the GIL, so every core gets a decode thread; inference gets
-    half the cores: on 2 cores one inference thread beat two (see benchmarks/bench_tagger.py).
+    Decoding a 12 MP JPEG (~25-60 ms even in draft mode) costs about as much as ResNet-18
+    inference per image, and Pillow runs without the GIL, so every core gets a decode thread, and
+    inference every core too: while a batch runs, the decoders soon wait for room in the queue,
+    so the cores idle unless inference can take them all. Measured on 2 cores, side by side
+    (``benchmarks/bench_tagger.py --splits 1+1,1+2,2+1,2+2``, ResNet-18 fp32, 12 MP JPEGs):
+    2+2 threads 16.3 images/s against 13.0 for 1+2 with torch, 20.4 against 16.9 with ONNX
+    Runtime; 1+1 and 2+1 were no better than 1+2.
     """
-    return max(1, cores // 2), max(1, cores)
+    return max(1, cores), max(1, cores)
 
 
 @dataclass
