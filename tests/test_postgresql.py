@@ -144,3 +144,32 @@ def test_the_same_library_answers_the_same_on_sqlite_and_postgresql(postgres, tm
                           if not line.startswith(("database:", "tagged_at:"))]  # differ
                    for name, url in urls.items()}
         assert outputs["postgresql"] == outputs["sqlite"], command
+
+
+def test_the_daemon_tags_into_postgresql(postgres, tmp_path, resnet18_weights):
+    """The daemon on a PostgreSQL database: start-up scan, a photo copied in, a clean stop."""
+    from sqlalchemy import create_engine, text
+
+    from tests.test_daemon import DaemonProcess, wait_until, write_config, write_jpeg
+
+    album = tmp_path / "album"
+    write_jpeg(album / "first.jpg", 1)
+    url = postgres.create_database("daemon")
+    config = write_config(tmp_path / "config.toml", resnet18_weights, albums=[album])
+    daemon = DaemonProcess(tmp_path, config, url)
+    engine = create_engine(url)
+
+    def status(relpath: str) -> str | None:
+        with engine.connect() as connection:
+            return connection.execute(text("SELECT status FROM photo WHERE relpath = :p"),
+                                      {"p": relpath}).scalar()
+
+    try:
+        daemon.wait_ready()
+        wait_until(lambda: status("first.jpg") == "tagged", what="first.jpg tagged")
+        write_jpeg(tmp_path / "outside.jpg", 2).rename(album / "second.jpg")
+        wait_until(lambda: status("second.jpg") == "tagged", what="second.jpg tagged")
+    finally:
+        assert daemon.stop() == 0
+        engine.dispose()
+    assert "ERROR" not in daemon.log() and "Traceback" not in daemon.log()
