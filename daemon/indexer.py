@@ -45,6 +45,7 @@ from daemon.scan import (
 )
 from storage import library
 from storage.db import read_session, write_session
+from storage.keywords import sidecar_state
 from storage.library import Job
 from storage.models import AlbumRoot, Photo, TAGGED
 
@@ -175,10 +176,14 @@ class LazyTagger:
 def calibration_sample(engine: Engine, folders: Iterable[Path], photos: PhotoFilter,
                        n: int = CALIBRATION_SAMPLE) -> Iterator[Path]:
     """Photos to prepare int8 / "auto" on where no run of photos comes first (the daemon): a
-    random sample of the library, topped up with the first photos found in ``folders`` while the
-    library has fewer (a first start). Lazy: nothing is read unless the preparation needs it."""
+    random sample of the library's photos under ``folders`` that are still there, topped up with
+    the first photos found in ``folders`` while the library has too few (a first start). Lazy:
+    nothing is read unless the preparation needs it."""
+    folders = list(folders)
     with read_session(engine) as session:
-        sample = library.sample_paths(session, n)
+        candidates = library.sample_paths(session, 4 * n)  # some may be gone or elsewhere
+    sample = [path for path in candidates
+              if any(path.is_relative_to(folder) for folder in folders) and path.is_file()][:n]
     yield from sample
     seen = set(sample)
     for folder in folders:
@@ -223,7 +228,8 @@ def reconcile(engine: Engine, folder: Path, photos: PhotoFilter, *,
                != (stat.size, stat.mtime_ns)]
     summary.unchanged += len(scan.files) - len(new) - len(changed)
     changed_ids = {photo_id for photo_id, _, _ in changed}
-    sidecar_edited = [(known[relpath].id, root_path / relpath) for relpath in scan.files
+    sidecar_edited = [(known[relpath].id, root_path / relpath, known[relpath].sidecar_state)
+                      for relpath in scan.files
                       if relpath in known and known[relpath].id not in changed_ids
                       and known[relpath].status == TAGGED
                       and known[relpath].sidecar_state != scan.sidecar_state(relpath)]
@@ -245,7 +251,12 @@ def reconcile(engine: Engine, folder: Path, photos: PhotoFilter, *,
         summary.changed += queued
         summary.unchanged += len(chunk) - queued
     for chunk in chunks(sidecar_edited, WRITE_CHUNK):
-        read = [(photo_id, *keyword_sync.read_photo_keywords(path)) for photo_id, path in chunk]
+        # The listing only points at candidates; the sidecars' own stat decides (a case-folding
+        # file system or an exclude pattern can make the listing miss a sidecar that is read).
+        read = [(photo_id, *keyword_sync.read_photo_keywords(path))
+                for photo_id, path, stored in chunk if sidecar_state(path) != stored]
+        if not read:
+            continue
         with write_session(engine) as session:
             for photo_id, keywords, state in read:
                 keyword_sync.store_keywords(session, photo_id, keywords, sidecar_state=state)
@@ -482,6 +493,9 @@ def _apply_move(session, job: Job, facts: FileFacts, source_id: int) -> bool:
         return False
     root = session.get(AlbumRoot, job.root_id)
     library.move_photo(session, source, root, job.relpath, size=job.size, mtime_ns=job.mtime_ns)
+    # The keywords as the photo carries them where it is now (its sidecar may not have followed).
+    keyword_sync.store_keywords(session, source.id, facts.keywords,
+                                sidecar_state=facts.sidecar_state)
     return True
 
 

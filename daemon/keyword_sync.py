@@ -41,6 +41,7 @@ from storage.keywords import (
     KeywordWriteError,
     PendingWrite,
     WrittenKeywords,
+    has_shared_name,
     normalize_tags,
     read_keywords,
     sidecar_state,
@@ -385,9 +386,12 @@ def load_targets(session: Session, photo_ids: Collection[int],
 def read_photo_keywords(path: Path | str) -> tuple[list[str], str | None]:
     """Keywords the photo file and its sidecars carry, and the sidecars' state (``sidecar_state``)
     taken just before, so that an edit made while reading is seen by the next scan. No database;
-    safe in a worker thread. Unreadable sources are logged and skipped."""
+    safe in a worker thread. Unreadable sources are logged and skipped; when a sidecar could not
+    be read the state is None, so that the next scan tries again."""
     state = sidecar_state(path)
-    return read_keywords(path), state
+    unread: list[Path] = []
+    keywords = read_keywords(path, unread_sidecars=unread)
+    return keywords, None if unread else state
 
 
 def store_keywords(session: Session, photo_id: int, keywords: Iterable[str], *,
@@ -403,6 +407,9 @@ def store_keywords(session: Session, photo_id: int, keywords: Iterable[str], *,
         return []
     photo.sidecar_state = sidecar_state
     ours = set(previous_keywords(photo))
+    if has_shared_name(sidecar_state):  # IMG_1.xmp also holds what we wrote for IMG_1.heic
+        for sibling in _sharing_a_sidecar(session, photo):
+            ours.update(previous_keywords(sibling))
     tag_ids: dict[int, str] = {}
     for keyword in keywords:
         keyword = keyword.strip()
@@ -415,6 +422,16 @@ def store_keywords(session: Session, photo_id: int, keywords: Iterable[str], *,
                              score=KEYWORD_SCORE) for tag_id in tag_ids)
     session.flush()
     return list(tag_ids.values())
+
+
+def _sharing_a_sidecar(session: Session, photo: Photo) -> list[Photo]:
+    """The other photos of the same folder and name but another extension (IMG_1.jpg for
+    IMG_1.heic): with Lightroom's naming they share one sidecar, IMG_1.xmp."""
+    stem = os.path.splitext(photo.relpath)[0]
+    candidates = session.scalars(select(Photo).where(
+        Photo.root_id == photo.root_id, Photo.id != photo.id,
+        Photo.relpath.startswith(stem + ".", autoescape=True)))
+    return [p for p in candidates if os.path.splitext(p.relpath)[0] == stem]
 
 
 def import_keywords(session: Session, photo_id: int, path: Path | str) -> list[str]:

@@ -56,6 +56,12 @@ EX_SIGNAL_TWICE = 130
 
 APPLY_CHUNK = 500  # watcher changes per write transaction
 HEALTH_CHECK = 30.0  # main loop wake-up without a watchdog
+PREPARE_DEADLINE = 30 * 60.0  # longest model preparation on reload the watchdog is kept quiet for
+
+
+class StoppedWhilePreparing(BaseException):
+    """A stop signal arrived while the model was being prepared (raised by the signal handler;
+    a BaseException so that no ``except Exception`` on the way keeps the daemon from stopping)."""
 
 
 class StartupError(Exception):
@@ -138,6 +144,7 @@ class ChangeApplier:
         self.scans_done = threading.Event()  # set whenever no rescan is queued or running
         self.scans_done.set()
         self._stopping = threading.Event()
+        self._preparing = False  # a stop signal interrupts the model preparation (_stoppable)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="phototag-apply", daemon=True)
@@ -342,6 +349,10 @@ class Daemon:
     def run(self) -> int:
         try:
             self.start()
+        except StoppedWhilePreparing:
+            log.info("%s received while loading the model: stopping", self._stop_requested)
+            self._shutdown()
+            return EX_OK
         except StartupError as e:
             log.error("%s", e)
             self._shutdown()
@@ -353,7 +364,11 @@ class Daemon:
             self._shutdown()
             # Restarting cannot fix a database this phototag does not understand.
             return EX_CONFIG if isinstance(e, (DatabaseTooNew, DatabaseCorrupt)) else EX_FAILURE
-        code = self.loop()
+        try:
+            code = self.loop()
+        except StoppedWhilePreparing:  # during a reload's model preparation
+            log.info("%s received while loading the model: stopping", self._stop_requested)
+            code = EX_OK
         self._shutdown()
         return code
 
@@ -372,11 +387,8 @@ class Daemon:
             for album in self.albums:
                 library.ensure_root(session, album.path)
 
-        self.worker = BatchWorker(self.engine, self.tagger,
-                                  batch_max_delay=self.config.daemon.batch_max_delay,
-                                  retry_after=self.config.daemon.retry_after,
-                                  after_batch=self._write_keywords)
-        self.applier = ChangeApplier(self.engine, self.worker.wake)
+        self.worker = self._new_worker(self.tagger)
+        self.applier = ChangeApplier(self.engine, self._wake_worker)
         self.applier.photo_filter = indexer.photo_filter(self.config)
         self.applier.start()
         self._start_watcher()
@@ -420,17 +432,28 @@ class Daemon:
 
     @contextmanager
     def _watchdog_pinged(self) -> Iterator[None]:
-        """Keeps pinging the watchdog (unless the worker stalls) while the main loop is busy
-        with a long step: preparing an int8 model on reload can take minutes on a NAS."""
+        """Keeps pinging the watchdog while the main loop prepares a model on reload (minutes on a
+        NAS for int8), at most PREPARE_DEADLINE: a preparation hung longer (a photo on a dead
+        share, a deadlock) is left to the watchdog to kill, as a hang anywhere else would be."""
         interval = watchdog_interval(self.config.daemon.watchdog_seconds)
         if not interval:
             yield
             return
         done = threading.Event()
+        deadline = time.monotonic() + PREPARE_DEADLINE
 
         def ping() -> None:
-            while not done.wait(interval):
-                self._ping_watchdog_unless_stalled()
+            while True:
+                if time.monotonic() > deadline:
+                    log.error("loading the model takes over %.0f min; no more watchdog pings",
+                              PREPARE_DEADLINE / 60)
+                    return
+                if self.applier is not None and not self.applier.alive:
+                    log.error("the change applier died; no more watchdog pings")
+                    return
+                self.notifier.watchdog()
+                if done.wait(interval):
+                    return
 
         pinger = threading.Thread(target=ping, name="watchdog-pinger", daemon=True)
         pinger.start()
@@ -439,6 +462,29 @@ class Daemon:
         finally:
             done.set()
             pinger.join()
+
+    @contextmanager
+    def _stoppable(self) -> Iterator[None]:
+        """A stop signal raises StoppedWhilePreparing in here (the main thread), so that a model
+        preparation of minutes is abandoned at once, its temporary files removed on the way out,
+        instead of outlasting systemd's stop timeout and leaving them behind after a SIGKILL."""
+        self._preparing = True
+        try:
+            if self._stop_requested:
+                raise StoppedWhilePreparing
+            yield
+        finally:
+            self._preparing = False
+
+    def _new_worker(self, tagger) -> BatchWorker:
+        assert self.engine is not None
+        return BatchWorker(self.engine, tagger, batch_max_delay=self.config.daemon.batch_max_delay,
+                           retry_after=self.config.daemon.retry_after,
+                           after_batch=self._write_keywords)
+
+    def _wake_worker(self) -> None:
+        if self.worker is not None:
+            self.worker.wake()
 
     # -- parts
 
@@ -454,7 +500,8 @@ class Daemon:
                                             indexer.photo_filter(config))
         try:
             tagger = indexer.LazyTagger(config, self.options.model)
-            tagger.load(calibration=sample)
+            with self._stoppable():
+                tagger.load(calibration=sample)
         except (ModelError, LabelMapError) as e:
             raise StartupError(str(e), EX_CONFIG) from None
         return tagger
@@ -539,6 +586,8 @@ class Daemon:
         self._stop_requested = signal.Signals(signum).name
         self._stopping.set()
         self._wake.set()
+        if self._preparing:
+            raise StoppedWhilePreparing
 
     def _on_reload_signal(self, _signum, _frame) -> None:
         self._reload_requested = True
@@ -565,9 +614,16 @@ class Daemon:
         old = self.config
         tagger = None
         if new.model != old.model or new.labels != old.labels:
-            log.info("model settings changed: loading the model again")
-            with self._watchdog_pinged():
-                tagger = self._load_tagger(new, albums)
+            # The worker stops meanwhile: the preparation gets the CPU (and "auto" times the
+            # precisions on an idle machine); the photos queued meanwhile wait in the database.
+            log.info("model settings changed: loading the model again; tagging pauses")
+            self.worker.stop()
+            try:
+                with self._watchdog_pinged():
+                    tagger = self._load_tagger(new, albums)
+            finally:
+                if not self._stop_requested:
+                    self._restart_worker(tagger or self.tagger)
         if new.daemon.nightly != old.daemon.nightly:
             self.scheduler.reschedule(new.daemon.nightly)
         if new.database != old.database:
@@ -578,7 +634,6 @@ class Daemon:
         if tagger is not None:
             indexer.sync_labels(self.engine, tagger)
             self.tagger = tagger
-            self.worker.replace_tagger(tagger)
         self.worker.batch_max_delay = new.daemon.batch_max_delay
         self.worker.retry_after = new.daemon.retry_after
         with write_session(self.engine) as session:
@@ -590,6 +645,12 @@ class Daemon:
         for album in albums:
             self.applier.rescan(album.path, "configuration reloaded")
         log.info("configuration reloaded from %s", new.source or "defaults")
+
+    def _restart_worker(self, tagger) -> None:
+        totals = self.worker.totals
+        self.worker = self._new_worker(tagger)
+        self.worker.totals = totals
+        self.worker.start()
 
     # -- stop
 

@@ -85,7 +85,6 @@ class BatchWorker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._replacement: Tagger | None = None
 
     # -- control (any thread)
 
@@ -94,11 +93,6 @@ class BatchWorker:
         self._thread.start()
 
     def wake(self) -> None:
-        self._wake.set()
-
-    def replace_tagger(self, tagger: Tagger) -> None:
-        """Use ``tagger`` from the next batch on (after a configuration reload)."""
-        self._replacement = tagger
         self._wake.set()
 
     def stop(self, timeout: float = 20.0) -> bool:
@@ -121,9 +115,6 @@ class BatchWorker:
     def run(self) -> None:
         while not self._stop.is_set():
             self.heartbeat = time.monotonic()
-            if self._replacement is not None:
-                self.tagger, self._replacement = self._replacement, None
-                self.batch_size = max(1, self.tagger.batch_size)
             try:
                 state = queue_state(self.engine)
                 if state.due and (state.due >= self.batch_size

@@ -811,12 +811,15 @@ def test_int8_configured_by_reload_is_prepared_on_the_library_and_cached(tmp_pat
         daemon.wait_log("configuration reloaded", timeout=120)
         assert "quantizing resnet18 to int8 on 10 photos" in daemon.log()
         assert "resnet18: int8 on onnxruntime: int8 as configured" in daemon.log()
+        assert "tagging pauses" in daemon.log()
         # The watchdog was pinged (every 0.5 s) all through the reload's preparation.
         reloading = next(t for t, m in notify.received if m.startswith("RELOADING=1"))
         ready = next(t for t, m in notify.received if t > reloading and "READY=1" in m)
         pings = [reloading] + [t for t, m in notify.received
                                if m == "WATCHDOG=1" and reloading < t < ready] + [ready]
         assert max(b - a for a, b in zip(pings, pings[1:])) < 2.0, (ready - reloading, pings)
+        write_jpeg(album / "after-reload.jpg", 41)  # the restarted worker tags with int8
+        wait_until(lambda: tagged(daemon.db, "after-reload.jpg"), what="after-reload.jpg tagged")
     finally:
         assert daemon.stop() == 0
         notify.close()
@@ -831,6 +834,38 @@ def test_int8_configured_by_reload_is_prepared_on_the_library_and_cached(tmp_pat
         assert wait_until(lambda: tagged(again.db, "new.jpg"), what="new.jpg tagged")["tags"] > 0
     finally:
         assert again.stop() == 0
+
+
+def test_sigterm_while_preparing_int8_at_start_stops_at_once_and_leaves_no_temp_files(
+        tmp_path, resnet18_weights):
+    """A stop while int8 is being quantized (minutes on a NAS) does not wait for it: the daemon
+    exits 0 within seconds, and the half-made model leaves nothing in the cache."""
+    pytest.importorskip("onnxruntime")
+    album = tmp_path / "album"
+    for i in range(10):
+        write_jpeg(album / f"{i}.jpg", i)
+    cache = tmp_path / "cache"
+    config = write_config(tmp_path / "config.toml", resnet18_weights, albums=[album])
+    config.write_text(config.read_text().replace(
+        "[model]\n", f'[model]\nprecision = "int8"\nruntime = "onnxruntime"\ncache_dir = "{cache}"\n'))
+    daemon = DaemonProcess(tmp_path, config, tmp_path / "p.db")
+    try:
+        daemon.wait_log("quantizing resnet18 to int8", timeout=START_TIMEOUT)
+
+        def temp_files() -> list[str]:
+            prepared = cache / "prepared"
+            return [p.name for p in prepared.iterdir() if "tmp" in p.name] if prepared.is_dir() else []
+
+        wait_until(temp_files, what="the preparation's temporary files")
+        daemon.signal(signal.SIGTERM)
+        assert daemon.proc.wait(15) == 0
+    finally:
+        daemon.kill()
+    assert "SIGTERM received while loading the model: stopping" in daemon.log()
+    assert "phototag daemon ready" not in daemon.log()
+    left = sorted(p.name for p in (cache / "prepared").iterdir())
+    assert not [name for name in left if "int8" in name or "tmp" in name], left
+    assert db_rows(tmp_path / "p.db", "select count(*) from photo where status = 'tagged'") == [(0,)]
 
 
 def test_a_stalled_batch_stops_the_watchdog_pings_and_loses_nothing(tmp_path, resnet18_weights):

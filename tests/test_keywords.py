@@ -293,6 +293,24 @@ def test_read_keywords_finds_users_keywords(photo):
     assert "cat" in read_keywords(photo)
 
 
+def test_keywords_behind_a_header_longer_than_the_first_read(tmp_path):
+    """Embedded keywords are read from the JPEG's header only; a header longer than the first
+    read (here a 65 KB comment before the XMP packet) is read on until the image data."""
+    from storage.keywords import jpeg
+
+    photo = tmp_path / "big-header.jpg"
+    shutil.copy(CAMERA / SAMPLES[0], photo)
+    subprocess.run(["exiftool", "-q", "-overwrite_original", "-XMP-dc:Subject=Oma", str(photo)],
+                   check=True)
+    parts = jpeg.split(photo.read_bytes())
+    comment = jpeg.make_segment(0xFE, b"x" * 65_000)
+    photo.write_bytes(jpeg.SOI + comment.raw + b"".join(s.raw for s in parts.segments) + parts.image)
+    with open(photo, "rb") as f:  # the keyword sits beyond the first 64 KiB
+        assert b"Oma" not in f.read(64 * 1024)
+    assert as_list(exiftool_json(photo, "-XMP-dc:Subject").get("Subject")) == ["Oma"]
+    assert read_keywords(photo) == ["Oma"]
+
+
 def test_non_jpeg_in_embedded_mode_gets_a_sidecar(tmp_path):
     png = tmp_path / "scan.png"
     Image.new("RGB", (8, 8), "red").save(png)

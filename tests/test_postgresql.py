@@ -19,7 +19,8 @@ from click.testing import CliRunner
 
 from tests.conftest import FIXTURES
 
-INITDB = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+INITDB = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                key=lambda p: [int(n) for n in p.parent.parent.name.split(".") if n.isdigit()])
 pytestmark = [
     pytest.mark.skipif(not INITDB, reason="no PostgreSQL server (apt-get install postgresql)"),
 ]
@@ -42,19 +43,26 @@ class Postgres:
 @pytest.fixture(scope="module")
 def postgres():
     bin_dir = INITDB[-1].parent
-    base = Path(tempfile.mkdtemp(prefix="phototag-pg-"))  # short: a socket path is <= 107 bytes
+    # In /tmp itself: a socket path is at most 107 bytes, and the postgres account must reach it.
+    base = Path(tempfile.mkdtemp(prefix="phototag-pg-", dir="/tmp"))
     as_user = []
-    if os.geteuid() == 0:
+    if os.geteuid() == 0:  # initdb refuses to run as root
         shutil.chown(base, "postgres")
         as_user = ["runuser", "-u", "postgres", "--"]
-    data = base / "data"
-    subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data), "-A", "trust",
-                    "-U", "phototag", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"],
-                   check=True, capture_output=True)
+    data, log = base / "data", base / "server.log"
     pg_ctl = [*as_user, str(bin_dir / "pg_ctl"), "-D", str(data)]
-    subprocess.run([*pg_ctl, "-o", f"-k {base} -c listen_addresses= -c fsync=off", "-w",
-                    "-l", str(base / "server.log"), "start"], check=True, capture_output=True)
+
+    def run(*command: str) -> None:
+        done = subprocess.run([*as_user, *command], capture_output=True, text=True)
+        if done.returncode:
+            server = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            pytest.fail(f"{command[0]} failed: {done.stderr or done.stdout}{server}")
+
     try:
+        run(str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "phototag",
+            "-E", "UTF8", "--locale=C.UTF-8", "--no-sync")
+        run(str(bin_dir / "pg_ctl"), "-D", str(data), "-o", f"-k {base} -c listen_addresses= -c fsync=off",
+            "-w", "-l", str(log), "start")
         yield Postgres(bin_dir, base, as_user)
     finally:
         subprocess.run([*pg_ctl, "-m", "immediate", "stop"], capture_output=True)

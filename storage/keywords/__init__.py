@@ -10,6 +10,7 @@ from .result import KeywordWriteError, PendingWrite, WrittenKeywords
 from .sidecar import (
     APPEND,
     REPLACE,
+    has_shared_name,
     is_sidecar_name,
     photos_of_sidecar,
     sidecar_path,
@@ -29,6 +30,7 @@ __all__ = [
     "KeywordWriteError",
     "PendingWrite",
     "WrittenKeywords",
+    "has_shared_name",
     "is_sidecar_name",
     "normalize_tags",
     "photos_of_sidecar",

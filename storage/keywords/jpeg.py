@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 SOI = b"\xff\xd8"
 SOS = 0xDA
@@ -94,6 +95,21 @@ def split(data: bytes) -> JpegParts:
             raise JpegError(f"segment 0x{marker:02X} at byte {start} runs past the end of file")
         pos += length
         segments.append(Segment(marker, data[start:pos]))
+
+
+def read_header(path: Path, first: int = 64 * 1024) -> JpegParts:
+    """``split`` of the file at ``path``, reading only as far as its header needs (the image
+    data is read only if the header has not ended by then): metadata without the megabytes."""
+    with open(path, "rb") as f:
+        data = f.read(first)
+        while True:
+            try:
+                return split(data)
+            except JpegError:
+                more = f.read(len(data))
+                if not more:
+                    raise
+                data += more
 
 
 def xmp_insert_index(segments: list[Segment]) -> int:

@@ -67,6 +67,12 @@ def sidecar_state(photo: str | os.PathLike,
     return " ".join("-" if f is None else f"{f[0]}:{f[1]}" for f in found)
 
 
+def has_shared_name(state: str | None) -> bool:
+    """Whether a ``sidecar_state`` includes a sidecar named the Lightroom way (``IMG_1.xmp``),
+    which every photo called IMG_1.<extension> shares (IMG_1.jpg and IMG_1.heic, say)."""
+    return state is not None and not state.endswith(" -")
+
+
 def _size_mtime(path: str) -> tuple[int, int] | None:
     try:
         st = os.stat(path)

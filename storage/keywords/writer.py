@@ -162,11 +162,13 @@ def _write_embedded(
     )
 
 
-def read_keywords(photo: Path | str, *, exclude: Collection[str] = ()) -> list[str]:
+def read_keywords(photo: Path | str, *, exclude: Collection[str] = (),
+                  unread_sidecars: list[Path] | None = None) -> list[str]:
     """Keywords the photo already carries: sidecar and embedded XMP dc:subject, EXIF XPKeywords.
 
     For indexing a user's own keywords; pass phototag's ``previous`` leaves as ``exclude`` to
-    leave out our own. Unreadable sources are logged and skipped, never fatal.
+    leave out our own. Unreadable sources are logged and skipped, never fatal; the sidecars
+    among them are added to ``unread_sidecars`` if given.
     """
     photo = Path(photo)
     found: list[str] = []
@@ -178,6 +180,8 @@ def read_keywords(photo: Path | str, *, exclude: Collection[str] = ()) -> list[s
                 found += xmp.get_list(side[0], xmp.DC_SUBJECT)
         except (OSError, xmp.XmpError) as exc:
             log.warning("%s: sidecar keywords not read (%s)", path, exc)
+            if unread_sidecars is not None:
+                unread_sidecars.append(path)
     try:
         if _has_jpeg_magic(photo):
             found += _read_jpeg_keywords(photo)
@@ -188,7 +192,7 @@ def read_keywords(photo: Path | str, *, exclude: Collection[str] = ()) -> list[s
 
 
 def _read_jpeg_keywords(photo: Path) -> list[str]:
-    parts = jpeg.split(photo.read_bytes())
+    parts = jpeg.read_header(photo)
     found: list[str] = []
     for seg in parts.segments:
         try:
