@@ -785,20 +785,27 @@ def test_reload_with_another_model_tags_new_photos_with_it(tmp_path, resnet18_we
         assert daemon.stop() == 0
 
 
+def onnx_album(tmp_path: Path, weights: Path, precision: str = "fp32") -> tuple[Path, Path, Path]:
+    """An album of 10 photos and a config running ONNX Runtime at ``precision`` with its own
+    model cache: (album, cache, config)."""
+    pytest.importorskip("onnxruntime")
+    album = tmp_path / "album"
+    for i in range(10):
+        write_jpeg(album / f"{i}.jpg", i)
+    cache = tmp_path / "cache"
+    config = write_config(tmp_path / "config.toml", weights, albums=[album])
+    config.write_text(config.read_text().replace("[model]\n", f'[model]\nprecision = "{precision}"\n'
+                                                 f'runtime = "onnxruntime"\ncache_dir = "{cache}"\n'))
+    return album, cache, config
+
+
 def test_int8_configured_by_reload_is_prepared_on_the_library_and_cached(tmp_path,
                                                                           resnet18_weights):
     """SIGHUP with precision = "int8" and nothing prepared: int8 is calibrated on a sample of the
     library's photos while the watchdog keeps being pinged, cached, and reused at the next start.
     (On a first start, with no photos in the library yet, the sample comes from the album
     folders: test_index.py tests that part of it.)"""
-    pytest.importorskip("onnxruntime")
-    album = tmp_path / "album"
-    for i in range(10):
-        write_jpeg(album / f"{i}.jpg", i)
-    cache = tmp_path / "cache"
-    config = write_config(tmp_path / "config.toml", resnet18_weights, albums=[album])
-    config.write_text(config.read_text().replace(
-        "[model]\n", f'[model]\nruntime = "onnxruntime"\ncache_dir = "{cache}"\n'))
+    album, cache, config = onnx_album(tmp_path, resnet18_weights)
     notify = NotifySocket(tmp_path / "notify.sock")
     daemon = DaemonProcess(tmp_path, config, tmp_path / "p.db",
                            env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000"})
@@ -806,7 +813,7 @@ def test_int8_configured_by_reload_is_prepared_on_the_library_and_cached(tmp_pat
         daemon.wait_ready()
         for i in range(10):
             wait_until(lambda i=i: tagged(daemon.db, f"{i}.jpg"), what=f"{i}.jpg tagged")
-        config.write_text(config.read_text().replace("[model]\n", '[model]\nprecision = "int8"\n'))
+        config.write_text(config.read_text().replace('precision = "fp32"', 'precision = "int8"'))
         daemon.signal(signal.SIGHUP)
         daemon.wait_log("configuration reloaded", timeout=120)
         assert "quantizing resnet18 to int8 on 10 photos" in daemon.log()
@@ -840,14 +847,7 @@ def test_sigterm_while_preparing_int8_at_start_stops_at_once_and_leaves_no_temp_
         tmp_path, resnet18_weights):
     """A stop while int8 is being quantized (minutes on a NAS) does not wait for it: the daemon
     exits 0 within seconds, and the half-made model leaves nothing in the cache."""
-    pytest.importorskip("onnxruntime")
-    album = tmp_path / "album"
-    for i in range(10):
-        write_jpeg(album / f"{i}.jpg", i)
-    cache = tmp_path / "cache"
-    config = write_config(tmp_path / "config.toml", resnet18_weights, albums=[album])
-    config.write_text(config.read_text().replace(
-        "[model]\n", f'[model]\nprecision = "int8"\nruntime = "onnxruntime"\ncache_dir = "{cache}"\n'))
+    album, cache, config = onnx_album(tmp_path, resnet18_weights, precision="int8")
     daemon = DaemonProcess(tmp_path, config, tmp_path / "p.db")
     try:
         daemon.wait_log("quantizing resnet18 to int8", timeout=START_TIMEOUT)
