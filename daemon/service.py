@@ -144,7 +144,6 @@ class ChangeApplier:
         self.scans_done = threading.Event()  # set whenever no rescan is queued or running
         self.scans_done.set()
         self._stopping = threading.Event()
-        self._preparing = False  # a stop signal interrupts the model preparation (_stoppable)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="phototag-apply", daemon=True)
@@ -343,6 +342,7 @@ class Daemon:
         self._stop_requested: str | bool = False
         self._reload_requested = False
         self._stopping = threading.Event()
+        self._preparing = False  # a stop signal interrupts the model preparation (_stoppable)
 
     # -- entry point
 

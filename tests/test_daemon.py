@@ -843,6 +843,24 @@ def test_int8_configured_by_reload_is_prepared_on_the_library_and_cached(tmp_pat
         assert again.stop() == 0
 
 
+def test_the_stop_handler_interrupts_only_a_model_preparation(tmp_path):
+    """The SIGTERM handler (called directly: a real signal cannot be timed this finely) records
+    the stop at any moment, and raises only while a model is being prepared."""
+    from daemon.config import Config
+    from daemon.service import Daemon, Options, StoppedWhilePreparing
+
+    daemon = Daemon(Config(), Options(config_path=None, db_url=f"sqlite:///{tmp_path / 'p.db'}"))
+    daemon._on_stop_signal(signal.SIGTERM, None)  # before anything started: recorded only
+    assert daemon._stop_requested == "SIGTERM"
+
+    daemon = Daemon(Config(), Options(config_path=None, db_url=f"sqlite:///{tmp_path / 'p.db'}"))
+    with pytest.raises(StoppedWhilePreparing), daemon._stoppable():
+        daemon._on_stop_signal(signal.SIGTERM, None)
+    assert daemon._preparing is False
+    with pytest.raises(StoppedWhilePreparing), daemon._stoppable():  # stop already requested
+        pass
+
+
 def test_sigterm_while_preparing_int8_at_start_stops_at_once_and_leaves_no_temp_files(
         tmp_path, resnet18_weights):
     """A stop while int8 is being quantized (minutes on a NAS) does not wait for it: the daemon
