@@ -617,13 +617,17 @@ class Daemon:
             # The worker stops meanwhile: the preparation gets the CPU (and "auto" times the
             # precisions on an idle machine); the photos queued meanwhile wait in the database.
             log.info("model settings changed: loading the model again; tagging pauses")
-            self.worker.stop()
-            try:
-                with self._watchdog_pinged():
+            with self._watchdog_pinged():
+                if not self.worker.stop(timeout=self.config.daemon.stall_seconds):
+                    # Stuck in a batch: the main loop's stall check stops the watchdog pings, and
+                    # the restart that follows starts with the new settings.
+                    raise StartupError("the batch worker did not stop; the new model settings "
+                                       "apply when the daemon is restarted")
+                try:
                     tagger = self._load_tagger(new, albums)
-            finally:
-                if not self._stop_requested:
-                    self._restart_worker(tagger or self.tagger)
+                finally:
+                    if not self._stop_requested:
+                        self._restart_worker(tagger or self.tagger)
         if new.daemon.nightly != old.daemon.nightly:
             self.scheduler.reschedule(new.daemon.nightly)
         if new.database != old.database:

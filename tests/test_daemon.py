@@ -912,6 +912,15 @@ def test_a_stalled_batch_stops_the_watchdog_pings_and_loses_nothing(tmp_path, re
         pings = sum(m == "WATCHDOG=1" for m in notify.messages)
         time.sleep(1.5)
         assert sum(m == "WATCHDOG=1" for m in notify.messages) == pings  # systemd would kill it
+        # A reload with new model settings cannot stop the stuck worker: it says so, and the
+        # daemon stays unpinged (the restart applies the settings).
+        config.write_text(config.read_text().replace("batch_size = 4", "batch_size = 2"))
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_log("the batch worker did not stop; the new model settings apply when the "
+                        "daemon is restarted")
+        pings = sum(m == "WATCHDOG=1" for m in notify.messages)
+        time.sleep(1.5)
+        assert sum(m == "WATCHDOG=1" for m in notify.messages) == pings
         assert daemon.proc.poll() is None
     finally:
         daemon.kill()  # what systemd does when the watchdog times out
