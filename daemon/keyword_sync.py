@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -426,12 +427,20 @@ def store_keywords(session: Session, photo_id: int, keywords: Iterable[str], *,
 
 def _sharing_a_sidecar(session: Session, photo: Photo) -> list[Photo]:
     """The other photos of the same folder and name but another extension (IMG_1.jpg for
-    IMG_1.heic): with Lightroom's naming they share one sidecar, IMG_1.xmp."""
-    stem = os.path.splitext(photo.relpath)[0]
-    candidates = session.scalars(select(Photo).where(
-        Photo.root_id == photo.root_id, Photo.id != photo.id,
-        Photo.relpath.startswith(stem + ".", autoescape=True)))
-    return [p for p in candidates if os.path.splitext(p.relpath)[0] == stem]
+    IMG_1.heic): with Lightroom's naming they share one sidecar, IMG_1.xmp. Found by listing the
+    folder, then looked up by path (a LIKE on relpath would scan the whole table)."""
+    folder, name = posixpath.split(photo.relpath)
+    stem = os.path.splitext(name)[0]
+    try:
+        names = os.listdir(library.absolute_path(photo.root, folder))
+    except OSError:
+        return []
+    relpaths = [posixpath.join(folder, other) for other in names
+                if other != name and os.path.splitext(other)[0] == stem]
+    if not relpaths:
+        return []
+    return list(session.scalars(select(Photo).where(Photo.root_id == photo.root_id,
+                                                    Photo.relpath.in_(relpaths))))
 
 
 def import_keywords(session: Session, photo_id: int, path: Path | str) -> list[str]:
