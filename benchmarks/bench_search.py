@@ -261,6 +261,7 @@ def main() -> None:
             args.db.unlink()
         fill(url, args.photos)
     else:
+        open_for_write(url).dispose()  # brought up to this phototag's schema, as a write would
         print(f"reusing {args.db} ({existing:,} photos)")
 
     print(f"cpu calibration (sum(range(1e7))): {cpu_calibration():.2f} s; "
