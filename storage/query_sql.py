@@ -22,6 +22,7 @@ from datetime import datetime
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    FromClause,
     Select,
     and_,
     false,
@@ -173,30 +174,44 @@ def build_select(query: Query, tags: TagIndex, *, roots: Sequence[tuple[int, str
     return stmt
 
 
-def _tag_rows(tag_ids: set[int] | None, scores: list[ScoreTerm], *,
-              indexed: bool = True) -> list[ColumnElement[bool]]:
+def _tag_rows(tag_ids: set[int] | None, scores: list[ScoreTerm], *, indexed: bool = True,
+              rows: FromClause = photo_tag) -> list[ColumnElement[bool]]:
     """Conditions on photo_tag rows: one of ``tag_ids`` (None = any tag), a score in every range.
 
     ``indexed=False`` writes ``tag_id + 0 IN (...)``: inside a correlated EXISTS the photo's own
     few rows (primary key prefix photo_id) are cheaper to scan than one index seek per tag id,
     and the ``+ 0`` keeps SQLite from choosing the seeks (the documented way to disqualify an
-    index there; plain arithmetic for any other database).
+    index there; plain arithmetic for any other database). ``rows``: photo_tag or an alias of it.
     """
     conditions: list[ColumnElement[bool]] = []
     if tag_ids is not None:
-        column = photo_tag.c.tag_id if indexed else photo_tag.c.tag_id + 0
+        column = rows.c.tag_id if indexed else rows.c.tag_id + 0
         conditions.append(column.in_(sorted(tag_ids)))
     for s in scores:
         if s.low is not None:
-            conditions.append(photo_tag.c.score >= s.low)
+            conditions.append(rows.c.score >= s.low)
         if s.high is not None:
-            conditions.append(photo_tag.c.score <= s.high)
+            conditions.append(rows.c.score <= s.high)
     return conditions
 
 
-def _in_tagged(tag_ids: set[int] | None, scores: list[ScoreTerm]) -> ColumnElement[bool]:
-    """``photo.id IN (SELECT photo_id ... WHERE tag_id IN ...)``: driven by the tag index."""
-    return photo.c.id.in_(select(photo_tag.c.photo_id).where(*_tag_rows(tag_ids, scores)))
+def _in_tagged(tag_ids: set[int] | None, scores: list[ScoreTerm],
+               also: Sequence[set[int]] = ()) -> ColumnElement[bool]:
+    """``photo.id IN (SELECT photo_id ... WHERE tag_id IN ...)``: driven by the tag index.
+
+    ``also``: the other tags of an AND, checked inside the subquery on the photo's own rows
+    (``EXISTS``), so that only the photos that have them all are looked up in the photo table
+    (``cat dog``: 2k look-ups instead of the 9.5k cats; a fifth faster).
+    """
+    driving = photo_tag.alias("driving")
+    checks = []
+    for i, ids in enumerate(also):
+        other = photo_tag.alias(f"also_{i}")
+        checks.append(select(other.c.photo_id).where(
+            other.c.photo_id == driving.c.photo_id,
+            *_tag_rows(ids, scores, indexed=False, rows=other)).exists())
+    return photo.c.id.in_(select(driving.c.photo_id).where(
+        *_tag_rows(tag_ids, scores, rows=driving), *checks))
 
 
 def _exists_tagged(tag_ids: set[int] | None, scores: list[ScoreTerm]) -> ColumnElement[bool]:
@@ -244,9 +259,11 @@ def _alternative(terms: list[Term], tags: TagIndex, roots: Sequence[tuple[int, s
         if isinstance(term, TagTerm):
             ids = resolved[term.index]
             if term is driver:
-                conditions.append(_in_tagged(ids, scores))
+                also = [resolved[t.index] for t in positive if t is not driver]
+                conditions.append(_in_tagged(ids, scores, also))
             elif not term.negated:
-                conditions.append(_exists_tagged(ids, scores))
+                if driver is None:  # with a driver, checked inside its subquery
+                    conditions.append(_exists_tagged(ids, scores))
             elif has_driver:
                 conditions.append(not_(_exists_tagged(ids, scores)))
             else:
