@@ -4,7 +4,8 @@ The tag hierarchy (a few hundred tags) is resolved in Python, so a tag term is a
 ids. In each alternative the rarest positive tag term drives the search,
 ``photo.id IN (SELECT photo_id FROM photo_tag WHERE tag_id IN (<the tag and its narrower tags>))``
 from the (tag_id, score) index; the other tag terms are ``[NOT] EXISTS`` checks on each photo's
-own few rows. Dates, paths and status are plain conditions on photo. No SQLite-only SQL.
+own few rows (the positive ones inside that subquery, so that only the photos having every tag
+are looked up). Dates, paths and status are plain conditions on photo. No SQLite-only SQL.
 
 With ``--limit`` and the path order, a common driving tag (over ESTIMATE_CAP rows) becomes an
 ``EXISTS`` check too: the database then walks the photos in path order through the
@@ -230,7 +231,8 @@ def _alternative(terms: list[Term], tags: TagIndex, roots: Sequence[tuple[int, s
     """The AND of one alternative's terms.
 
     The positive tag term expected to match the fewest photos drives the search through the tag
-    index (``IN``); the other tag terms are checked per photo found (``EXISTS`` / ``NOT EXISTS``).
+    index (``IN``); the other tag terms are checked per photo found (``EXISTS`` inside the
+    driver's subquery / ``NOT EXISTS``).
     With nothing to drive (``^dog`` alone) a negated tag becomes ``NOT IN``, whose set is built
     once instead of being looked up for every photo. ``path_order_scan`` (a limit, path order):
     a driver estimated to match many photos is an ``EXISTS`` check as well, so that photos are
