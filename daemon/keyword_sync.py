@@ -436,7 +436,8 @@ def _sharing_a_sidecar(session: Session, photo: Photo) -> list[Photo]:
     except OSError:
         return []
     relpaths = [posixpath.join(folder, other) for other in names
-                if other != name and os.path.splitext(other)[0] == stem]
+                if other != name and os.path.splitext(other)[0] == stem
+                and other.isprintable()]  # not a name the file system could not decode
     if not relpaths:
         return []
     return list(session.scalars(select(Photo).where(Photo.root_id == photo.root_id,

