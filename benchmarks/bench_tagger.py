@@ -94,19 +94,12 @@ def run_tagger(paths: list[Path], tagger: Tagger) -> dict:
             "preprocess": s.preprocess / n, "inference": s.inference / n, "rss": rss.peak}
 
 
-def make_predictor(backbone, model, runtime: str):
-    """B's predictor: torch (channels-last, as phototag's fp32 runs it) or ONNX Runtime."""
-    if runtime == "torch":
-        import copy
+def make_predictor(backbone, weights: Path | None, runtime: str, cache_dir: Path):
+    """B's predictor, fp32, made exactly as phototag makes it (``tagger.precision.prepare_model``:
+    channels-last torch, or the model exported to ONNX Runtime)."""
+    from tagger.precision import prepare_model
 
-        from tagger.torch_runtime import ChannelsLast
-
-        return TorchPredictor(ChannelsLast(copy.deepcopy(model)), backbone)  # A keeps its model
-    from tagger.onnx_runtime import OrtPredictor, export_onnx
-
-    path = Path(tempfile.mkdtemp()) / f"{backbone.name}.onnx"
-    export_onnx(model, backbone.crop, path)
-    return OrtPredictor(path, backbone, 1)
+    return prepare_model(backbone, weights, "fp32", runtime=runtime, cache_dir=cache_dir).predictor
 
 
 def compare_splits(paths: list[Path], make_tagger, splits: str, repeat: int) -> None:
@@ -186,7 +179,8 @@ def main() -> None:
     backbone = get_backbone(args.model)
     model = backbone.build(args.weights)
     weights = str(args.weights) if args.weights else "random weights"
-    predictor = make_predictor(backbone, model, args.runtime)
+    predictor = make_predictor(backbone, args.weights, args.runtime,
+                               Path(tempfile.mkdtemp(prefix="bench_tagger_")))
 
     def make_tagger(threads: int, decode_threads: int) -> Tagger:
         return Tagger(backbone, predictor, load_label_map(), batch_size=args.batch_size,

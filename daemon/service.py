@@ -425,10 +425,17 @@ class Daemon:
             if interval:
                 self._ping_watchdog_unless_stalled()
 
-    def _ping_watchdog_unless_stalled(self) -> None:
+    def _worker_stalled_for(self) -> float | None:
+        """Seconds the worker has been stuck in a batch, if longer than ``stall_seconds``."""
         assert self.worker is not None
         stalled_for = time.monotonic() - self.worker.heartbeat
         if self.worker.busy and stalled_for > self.config.daemon.stall_seconds:
+            return stalled_for
+        return None
+
+    def _ping_watchdog_unless_stalled(self) -> None:
+        stalled_for = self._worker_stalled_for()
+        if stalled_for is not None:
             log.error("the batch worker made no progress for %.0f s; not pinging the watchdog",
                       stalled_for)
         else:
@@ -669,8 +676,7 @@ class Daemon:
         while not self.worker.stop(timeout=1.0):
             if self._stop_requested:
                 raise StoppedWhilePreparing
-            stalled_for = time.monotonic() - self.worker.heartbeat
-            if self.worker.busy and stalled_for > self.config.daemon.stall_seconds:
+            if self._worker_stalled_for() is not None:
                 # The main loop's stall check stops the watchdog pings: systemd restarts us.
                 raise StartupError("the batch worker did not stop; the new model settings "
                                    "apply when the daemon is restarted")
