@@ -13,6 +13,7 @@ the full ``phototag search`` command as a fresh process. Targets: p95 < 50 ms, c
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import random
@@ -23,12 +24,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import func, insert, select
 
-from storage.db import read_connection
+from storage.db import read_connection, refresh_statistics
 from storage.migrate import open_for_write
 from storage.query import parse_query, parse_sort, search
 from storage.schema import album_root, photo, photo_tag, tag, tag_parent
@@ -51,6 +53,8 @@ QUERIES = {
     "broad tag (animal), all rows": ["animal"],
 }
 LIMITED = {"broad tag (animal), --limit 100": 100}
+REFERENCE = "reference: a fixed pure-Python loop"
+REFERENCE_LOOP = 1_000_000  # about 15 ms on the 2-core VM these targets were measured on
 
 
 def build_tags(rng: random.Random) -> tuple[list[dict], list[dict], list[float]]:
@@ -130,8 +134,7 @@ def fill(url: str, photos: int, seed: int = 1) -> None:
                                      "score": round(rng.random(), 4)})
             conn.execute(insert(photo), photo_rows)
             conn.execute(insert(photo_tag), tag_rows)
-    with engine.connect() as conn:
-        conn.exec_driver_sql("ANALYZE")
+    refresh_statistics(engine)  # as `phototag index` does at its end
     engine.dispose()
     print(f"filled {photos:,} photos x {TAGS_PER_PHOTO} tags ({len(tags)} tags) "
           f"in {time.perf_counter() - t0:.1f} s")
@@ -146,42 +149,59 @@ def percentile(values: list[float], p: float) -> float:
 def bench_queries(url: str, runs: int) -> list[tuple[str, float, float, float, int]]:
     """(label, wall p50, wall p95, CPU p50, rows) per query; times in ms.
 
-    CPU time (this process) is printed too because on a shared, busy machine the wall time
-    mostly measures waiting for a core. The cyclic garbage collector is off while a query runs,
-    as it is in ``phototag search`` (daemon/cli.py, READ_ONLY_COMMANDS); otherwise its pauses
-    over the thousands of result objects would dominate the p95 of the bigger results.
+    The queries take turns (one run of each, then the next round), so that a slow spell of a
+    shared machine spreads over all of them instead of landing on one query's p95. A fixed
+    pure-Python loop takes its turn too ("reference"): its p95 / p50 is the machine's own noise.
+    CPU time is printed too because on a busy machine the wall time also counts waiting for a
+    core. The cyclic garbage collector is off while a query runs, as it is in ``phototag search``
+    (daemon/cli.py, READ_ONLY_COMMANDS); otherwise its pauses over the thousands of result
+    objects would dominate the p95 of the bigger results.
     """
     from storage.db import make_engine
 
     engine = make_engine(url)
-    results = []
     path_sort = [parse_sort("path")]
-    for label, terms in QUERIES.items():
-        gc.collect()
-        gc.disable()
-        limit = LIMITED.get(label)
-        wall, cpu = [], []
-        count = 0
+
+    def run_query(label: str) -> int:
+        with read_connection(engine) as connection:
+            query = parse_query(QUERIES[label])
+            hits = search(connection, query, sort=[] if query.sort else path_sort,
+                          limit=LIMITED.get(label),
+                          details=False)  # what `phototag search` does for its path list
+        return len(hits)
+
+    def reference() -> int:
+        sum(range(REFERENCE_LOOP))
+        return 0
+
+    tasks: dict[str, Callable[[], int]] = {REFERENCE: reference}
+    tasks.update({label: functools.partial(run_query, label) for label in QUERIES})
+    wall: dict[str, list[float]] = {label: [] for label in tasks}
+    cpu: dict[str, list[float]] = {label: [] for label in tasks}
+    counts: dict[str, int] = {}
+    gc.collect()
+    gc.disable()
+    try:
         for i in range(runs + 2):
-            t0, c0 = time.perf_counter(), time.process_time()
-            with read_connection(engine) as connection:
-                query = parse_query(terms)
-                hits = search(connection, query, sort=[] if query.sort else path_sort, limit=limit,
-                              details=False)  # what `phototag search` does for its path list
-            if i >= 2:  # the first two runs warm the page cache and the connection pool
-                wall.append((time.perf_counter() - t0) * 1000)
-                cpu.append((time.process_time() - c0) * 1000)
-            count = len(hits)
+            for label, task in tasks.items():
+                t0, c0 = time.perf_counter(), time.process_time()
+                counts[label] = task()
+                if i >= 2:  # the first two rounds warm the page cache and the connection pool
+                    wall[label].append((time.perf_counter() - t0) * 1000)
+                    cpu[label].append((time.process_time() - c0) * 1000)
+    finally:
         gc.enable()
-        results.append((label, statistics.median(wall), percentile(wall, 95),
-                        statistics.median(cpu), count))
-    engine.dispose()
-    return results
+        engine.dispose()
+    return [(label, statistics.median(wall[label]), percentile(wall[label], 95),
+             statistics.median(cpu[label]), counts[label]) for label in tasks]
 
 
 def print_queries(url: str, runs: int) -> None:
     print(f"  {'query':<54}{'p50':>8}{'p95':>8}{'cpu p50':>9}{'rows':>9}")
     for label, p50, p95, cpu, count in bench_queries(url, runs):
+        if label == REFERENCE:
+            print(f"  {label:<54}{p50:8.1f}{p95:8.1f}{cpu:9.1f}{'':>9}  (p95/p50 {p95 / p50:.2f})")
+            continue
         flag = "" if p95 < 50 else "  (p95 over 50 ms)"
         print(f"  {label:<54}{p50:8.1f}{p95:8.1f}{cpu:9.1f}{count:9,}{flag}")
 
@@ -266,8 +286,8 @@ def main() -> None:
 
     print(f"cpu calibration (sum(range(1e7))): {cpu_calibration():.2f} s; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(f"\nquery latency over {args.runs} runs (ms; includes parse, tag hierarchy, SQL, "
-          "fetching all rows):")
+    print(f"\nquery latency over {args.runs} rounds of every query in turn (ms; includes parse, "
+          "tag hierarchy, SQL, fetching all rows):")
     print_queries(url, args.runs)
     print(f"\ncold start, median of {args.cold_runs} process runs:")
     for label, seconds in cold_start(url, args.cold_runs).items():

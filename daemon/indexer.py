@@ -44,7 +44,7 @@ from daemon.scan import (
     walk_photos,
 )
 from storage import library
-from storage.db import read_session, write_session
+from storage.db import read_session, refresh_statistics, write_session
 from storage.keywords import sidecar_state
 from storage.library import Job
 from storage.models import AlbumRoot, Photo, TAGGED
@@ -523,6 +523,7 @@ def index_folders(engine: Engine, tagger: TaggerLike, folders: Iterable[Path], c
         tag_jobs(engine, tagger, due_jobs(engine, s.root_id, s.under),
                  retry_after=config.daemon.retry_after, summary=summary, warn=warn,
                  advance=advance)
+    refresh_statistics(engine)
     return summary
 
 

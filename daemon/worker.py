@@ -27,7 +27,7 @@ from sqlalchemy import Engine, func, select
 
 from daemon import indexer
 from storage import library
-from storage.db import read_session, write_session
+from storage.db import read_session, refresh_statistics, write_session
 from storage.library import Job
 from storage.models import ERROR, PENDING, AlbumRoot, Photo
 
@@ -271,8 +271,9 @@ def retag(engine: Engine, tagger: Tagger, selection: Selection, *, folder: str |
 
 def nightly(engine: Engine, folders: list, photo_filter, *, model: str, mapping_version: str,
             rescan: bool = True, stop: threading.Event | None = None) -> tuple[indexer.Summary, int]:
-    """The nightly job: rescan the album folders (new, changed, moved, deleted files), then queue
-    outdated and failed photos for the worker. Returns the rescan summary and how many were queued.
+    """The nightly job: rescan the album folders (new, changed, moved, deleted files), queue
+    outdated and failed photos for the worker, refresh the query planner's statistics. Returns
+    the rescan summary and how many were queued.
     """
     summary = indexer.Summary()
     if rescan:
@@ -282,5 +283,6 @@ def nightly(engine: Engine, folders: list, photo_filter, *, model: str, mapping_
             scanned = indexer.reconcile(engine, folder, photo_filter, summary=summary)
             indexer.remove_gone(engine, scanned, summary=summary)
     queued, _, _ = requeue(engine, Selection(), model=model, mapping_version=mapping_version)
+    refresh_statistics(engine)
     return summary, queued
 

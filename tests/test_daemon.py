@@ -474,6 +474,11 @@ def test_nightly_job_through_the_scheduler_after_reload(running):
     assert row["model"] == "resnet18"
     (last_after,) = db_rows(running.db, "select value from meta where key = 'last_nightly_run'")[0]
     assert datetime.fromisoformat(last_after) > datetime.fromisoformat(last_before)
+    # The job refreshed the query planner's statistics: they count old.jpg, written since the
+    # start-up run.
+    (photos,) = db_rows(running.db, "select count(*) from photo")[0]
+    stats = dict(db_rows(running.db, "select idx, stat from sqlite_stat1 where tbl = 'photo'"))
+    assert stats["ix_photo_taken_at"].split()[0] == str(photos)
 
 
 def exiftool_keywords(path: Path) -> list[str]:

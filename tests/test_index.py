@@ -398,6 +398,10 @@ def test_index_tags_new_photos_once(lib, inferred):
     canon = photos["camera/canon.jpg"]
     assert canon["taken_at"].startswith("2013-12-17 14:04:24")  # exiftool read the same above
     assert photos["2024/img0.jpg"]["taken_at"] is None
+    with sqlite3.connect(lib.db) as db:  # the query planner's statistics, gathered at the end
+        stats = dict(db.execute("SELECT idx, stat FROM sqlite_stat1 WHERE tbl = 'photo_tag'"))
+    rows = sum(len(photo["tags"]) for photo in photos.values())
+    assert stats["ix_photo_tag_tag_score"].split()[0] == str(rows)
 
     before = lib.photos()
     result = lib.index()
