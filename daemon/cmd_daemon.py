@@ -9,11 +9,12 @@ import click
 
 from daemon.cli import App, pass_app
 from daemon.cmd_support import lazy_tagger_or_exit, tagging_run
+from daemon.filenames import StorablePath
 
 
 @click.command("daemon")
 @click.option("--album", "albums", multiple=True, metavar="PATH",
-              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              type=StorablePath(exists=True, file_okay=False, path_type=Path),
               help="Watch this folder instead of the config's albums (repeatable).")
 @click.option("--model", metavar="NAME", help="Model to tag with (default: config [model] name).")
 @pass_app
@@ -39,7 +40,7 @@ def daemon(app: App, albums: tuple[Path, ...], model: str | None) -> None:
 @click.option("--all", "everything", is_flag=True, help="Every photo.")
 @click.option("--model", metavar="NAME", help="Model to tag with (default: config [model] name).")
 @click.argument("path", required=False,
-                type=click.Path(exists=True, file_okay=False, path_type=Path))
+                type=StorablePath(exists=True, file_okay=False, path_type=Path))
 @pass_app
 def retag(app: App, outdated: bool, errors: bool, everything: bool, model: str | None,
           path: Path | None) -> None:

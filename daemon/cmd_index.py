@@ -8,11 +8,12 @@ import click
 
 from daemon.cli import App, pass_app
 from daemon.cmd_support import lazy_tagger_or_exit, tagging_run
+from daemon.filenames import StorablePath
 
 
 @click.command("index")
 @click.argument("paths", nargs=-1, required=True,
-                type=click.Path(exists=True, file_okay=False, path_type=Path))
+                type=StorablePath(exists=True, file_okay=False, path_type=Path))
 @click.option("--model", metavar="NAME", help="Model to tag with (default: config [model] name).")
 @pass_app
 def index(app: App, paths: tuple[Path, ...], model: str | None) -> None:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Self
 import click
 
 from daemon.cli import EX_USAGE, App, fail, pass_app
+from daemon.filenames import StorablePath
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection
@@ -342,7 +343,7 @@ def _find_photo(session, file: str):
 
 
 @click.command()
-@click.argument("file", type=click.Path())
+@click.argument("file", type=StorablePath())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_app
 def show(app: App, file: str, as_json: bool) -> None:

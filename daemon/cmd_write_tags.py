@@ -13,10 +13,12 @@ import click
 
 from daemon.cli import App, fail, pass_app
 from daemon.cmd_support import Progress, interrupted, open_db_for_write_or_exit
+from daemon.filenames import StorablePath
 
 
 @click.command("write-tags")
-@click.argument("path", required=False, type=click.Path(exists=True, path_type=Path))
+@click.argument("path", required=False,
+                type=StorablePath(exists=True, path_type=Path))
 @click.option("--mode", type=click.Choice(["sidecar", "embedded"]),
               help="Where to write (default: config [metadata] write).")
 @click.option("--dry-run", is_flag=True, help="Print what would be written; write nothing.")

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 
+from daemon.filenames import NOT_UTF8, shown, storable_name
 from storage.schema import CONTENT_HASH
 
 log = logging.getLogger(__name__)
-
 
 
 class PhotoFilter:
@@ -40,9 +40,10 @@ class PhotoFilter:
         return os.path.splitext(name)[1].lower() in self.extensions and not self.excluded_name(name)
 
     def wanted(self, relpath: str) -> bool:
-        """For a path relative to an album root (the daemon checks its events with this)."""
+        """For a path relative to an album root (the daemon checks its events with this).
+        A name that is not UTF-8 is not wanted: the scans warn about it."""
         parts = PurePosixPath(relpath).parts
-        return bool(parts) and self.wanted_name(parts[-1]) and not any(
+        return bool(parts) and self.wanted_name(parts[-1]) and storable_name(relpath) and not any(
             self.excluded_name(part) for part in parts[:-1])
 
     def wanted_sidecar(self, relpath: str) -> bool:
@@ -51,7 +52,7 @@ class PhotoFilter:
         from storage.keywords import is_sidecar_name
 
         parts = PurePosixPath(relpath).parts
-        return bool(parts) and is_sidecar_name(parts[-1]) and not any(
+        return bool(parts) and is_sidecar_name(parts[-1]) and storable_name(relpath) and not any(
             self.excluded_name(part) for part in parts)
 
 
@@ -118,19 +119,30 @@ def walk_photos(root: Path, photo_filter: PhotoFilter, under: str = "",
             relpath = f"{relfolder}/{entry.name}" if relfolder else entry.name
             try:
                 if entry.is_dir(follow_symlinks=False):
-                    stack.append((Path(entry.path), relpath))
+                    if _storable(entry, result):
+                        stack.append((Path(entry.path), relpath))
                     continue
                 if is_sidecar_name(entry.name) and entry.is_file():
-                    stat = entry.stat()
-                    result.sidecars[relpath] = FileStat(stat.st_size, stat.st_mtime_ns)
+                    if storable_name(entry.name):  # (its photo's name is the one to warn about)
+                        stat = entry.stat()
+                        result.sidecars[relpath] = FileStat(stat.st_size, stat.st_mtime_ns)
                     continue
-                if not photo_filter.wanted_name(entry.name) or not entry.is_file():
+                if (not photo_filter.wanted_name(entry.name) or not entry.is_file()
+                        or not _storable(entry, result)):
                     continue
                 stat = entry.stat()
             except OSError as e:
                 result.problems.append(f"{entry.path}: cannot read: {e.strerror or e}")
                 continue
             yield relpath, stat
+
+
+def _storable(entry: os.DirEntry, result: ScanResult) -> bool:
+    """Whether ``entry``'s name can be stored; if not, the scan's problems say so."""
+    if storable_name(entry.name):
+        return True
+    result.problems.append(f"{shown(entry.path)}: skipped: {NOT_UTF8}")
+    return False
 
 
 def root_available(root: Path) -> bool:

@@ -48,6 +48,7 @@ from watchdog.observers.inotify import InotifyEmitter
 from watchdog.observers.inotify_c import InotifyEvent, InotifyFD
 from watchdog.observers.polling import PollingObserver
 
+from daemon.filenames import storable_name
 from daemon.scan import PhotoFilter
 
 log = logging.getLogger(__name__)
@@ -96,8 +97,9 @@ def is_watched(photo_filter: PhotoFilter, root: Path, path: Path) -> bool:
 
 
 def is_excluded(photo_filter: PhotoFilter, root: Path, path: Path) -> bool:
+    """Outside the root, in an excluded folder, or named so that nothing in it is indexed."""
     relpath = _relpath(root, path)
-    if relpath is None:
+    if relpath is None or not storable_name(relpath):
         return True
     return relpath != "." and any(photo_filter.excluded_name(part) for part in relpath.split("/"))
 

@@ -292,6 +292,32 @@ def test_mv_from_outside(running):
     wait_until(lambda: tagged(running.db, "mv/moved-in.jpg"), what="moved-in photo tagged")
 
 
+def test_a_name_that_is_not_utf8_is_skipped_and_the_daemon_goes_on(running):
+    """A photo named in Latin-1 (an old Windows share) cannot be stored: it is left alone, and
+    the photos after it are tagged as usual."""
+    folder = running.album / "latin1"
+    folder.mkdir()
+    latin1 = write_jpeg(folder / os.fsdecode(b"caf\xe9.jpg"), 25)
+    original = latin1.read_bytes()
+    write_jpeg(folder / "after.jpg", 26)
+    wait_until(lambda: tagged(running.db, "latin1/after.jpg"), what="the next photo tagged")
+    assert db_rows(running.db, "select relpath from photo where relpath like 'latin1/caf%'") == []
+    assert latin1.read_bytes() == original
+    # A folder so named, filled, renamed and deleted: nothing of it is recorded either.
+    fete = folder / os.fsdecode(b"f\xeate")
+    write_jpeg(fete / "inside.jpg", 27)
+    time.sleep(1.0)
+    fete.rename(folder / os.fsdecode(b"f\xeate2"))
+    shutil.rmtree(folder / os.fsdecode(b"f\xeate2"))
+    write_jpeg(folder / "last.jpg", 28)
+    wait_until(lambda: tagged(running.db, "latin1/last.jpg"), what="the last photo tagged")
+    assert {r for (r,) in db_rows(running.db, "select relpath from photo")
+            if r.startswith("latin1/")} == {"latin1/after.jpg", "latin1/last.jpg"}
+    assert running.daemon.proc.poll() is None
+    log = running.daemon.log()
+    assert "Traceback" not in log and "could not record" not in log, log[-3000:]
+
+
 def test_rsync_style_temp_file_then_rename(running):
     folder = running.album / "rsync"
     folder.mkdir()

@@ -516,6 +516,30 @@ def test_bad_file_is_recorded_and_warned_once(lib, inferred):
     assert "warning" not in result.output and inferred == []
 
 
+def test_names_that_are_not_utf8_are_skipped_with_a_warning(lib, inferred):
+    """The database holds UTF-8 paths: a photo or folder named in Latin-1 is skipped, named in a
+    one-line warning at every run, the rest is indexed; as an argument it is a usage error."""
+    photo = write_jpeg(lib.album / os.fsdecode(b"2024/caf\xe9.jpg"), 30)
+    original = photo.read_bytes()
+    write_jpeg(lib.album / os.fsdecode(b"f\xeate") / "inside.jpg", 31)
+    for _ in range(2):
+        result = lib.index()
+        warnings = sorted(line for line in result.output.splitlines() if "warning" in line)
+        assert len(warnings) == 2, result.output
+        assert "2024/caf\\xe9.jpg: skipped: its name is not UTF-8" in warnings[0]
+        assert "/f\\xeate: skipped: its name is not UTF-8" in warnings[1]
+    assert sorted(lib.photos()) == ["2024/img0.jpg", "2024/img1.jpg", "2024/img2.jpg",
+                                    "2024/img3.jpg", "camera/canon.jpg", "camera/sony.JPG"]
+    assert len(inferred) == 6 and photo.read_bytes() == original
+
+    for args in (["index", str(photo.parent.parent / os.fsdecode(b"f\xeate"))],
+                 ["show", str(photo)]):
+        result = lib.run(*args, ok=False)
+        assert result.exit_code == 2
+        assert "caf\\xe9.jpg" in result.output or "f\\xeate" in result.output
+        assert "its name is not UTF-8" in result.output
+
+
 def test_missing_weights_fail_before_the_database_is_touched(lib, tmp_path):
     lib.config.write_text(f'[model]\nweights = "{tmp_path / "nope.pth"}"\n')
     result = lib.index(ok=False)
