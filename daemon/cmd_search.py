@@ -14,9 +14,10 @@ import json
 import os
 import string
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from itertools import islice
 from typing import TYPE_CHECKING, Any, Self
 
 import click
@@ -80,8 +81,14 @@ class _Output:
     def write(self, text: str) -> None:
         self._add(text.encode("utf-8", "surrogateescape"))
 
-    def write_path(self, path: str, end: bytes) -> None:
-        self._add(os.fsencode(path) + end)
+    def write_paths(self, paths: Iterable[str], end: str) -> None:
+        """Each path followed by ``end``, encoded as os.fsencode does, a chunk at a time
+        (encoding each line on its own took a quarter of printing 100k paths)."""
+        encoding, errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+        paths = iter(paths)
+        while chunk := list(islice(paths, self.CHUNK)):
+            self._add((end.join(chunk) + end).encode(encoding, errors))
+            self.flush()
 
     def _add(self, data: bytes) -> None:
         self._pending.append(data)
@@ -272,9 +279,7 @@ def search(app: App, query: tuple[str, ...], as_json: bool, fmt: str | None, lim
                 except (ValueError, TypeError) as e:
                     fail(f"--format {fmt!r}: {e}", EX_USAGE)
         else:
-            end = b"\0" if null else b"\n"
-            for h in hits:
-                out.write_path(h.path, end)
+            out.write_paths((h.path for h in hits), "\0" if null else "\n")
 
 
 @click.command()

@@ -296,6 +296,9 @@ def test_and_or_not_and_precedence(library):
     assert found_set(library, "^animal") == ALL - CATS - DOGS - {"trips/2023-Rome/bat.jpg"}
     assert found_set(library, "^cat", "^dog", ",", "tabby") == (ALL - CATS - DOGS) | {
         "2023/06/tabby.jpg", "other:kitty.png"}
+    # three alternatives: two found through the tag index, one checked photo by photo
+    assert found_set(library, "tabby", ",", "dog", ",", "path:Rome", "^cat") == {
+        "2023/06/tabby.jpg", "other:kitty.png", "trips/2023-Rome/bat.jpg"} | DOGS
 
 
 def test_empty_query_finds_every_photo(library):
