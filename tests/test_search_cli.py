@@ -95,6 +95,28 @@ def test_nul_separated_output(lib):
                                    + os.fsencode(root1 / "2023/06/tabby.jpg") + b"\0")
 
 
+def test_thousands_of_paths_are_printed_whole_and_in_order(tmp_path):
+    """Paths are written a thousand at a time: none lost or cut at a chunk's edge, non-ASCII
+    names encoded as on disk, newline- or NUL-terminated."""
+    from storage import library
+    from storage.db import write_session
+    from storage.migrate import open_for_write
+
+    url = f"sqlite:///{tmp_path / 'many.db'}"
+    engine = open_for_write(url)
+    relpaths = [f"{year}/été {i:05d}.jpg" for year in (2022, 2023) for i in range(1250)]
+    with write_session(engine) as session:
+        root, _ = library.ensure_root(session, tmp_path / "album")
+        library.add_new_files(session, root, [(relpath, 1, 1) for relpath in reversed(relpaths)])
+    engine.dispose()
+    album = (tmp_path / "album").resolve()
+    expected = [os.fsencode(album / relpath) for relpath in relpaths]  # sorted by path
+    for flag, end in ((), b"\n"), (("-0",), b"\0"):
+        result = run((url,), "search", *flag)
+        assert result.exit_code == 0, result.stderr
+        assert result.stdout_bytes == b"".join(path + end for path in expected)
+
+
 def test_json_output(lib):
     _, root1, root2 = lib
     result = run(lib, "search", "--json", "cat", "score-")
