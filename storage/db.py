@@ -12,6 +12,7 @@ Any other database URL (PostgreSQL) is used as it is.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +24,8 @@ from sqlalchemy.engine import make_url
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
+
+log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_SECONDS = 30.0
 # Read-only commands let SQLite read the database through a memory map of up to this size instead
@@ -114,12 +117,16 @@ def refresh_statistics(engine: Engine) -> None:
 
     SQLite has none until asked, and without them it plans some searches worse (measured in
     ``benchmarks/bench_search.py``). Run after ``phototag index`` and the nightly job; about
-    half a second for 200,000 photos, readers not blocked.
+    half a second for 200,000 photos, readers not blocked. A failure (the database busy past
+    the timeout, a full disk) is logged, not raised: the statistics only make searches faster.
     """
-    with _translate_errors(engine), engine.connect() as connection:
-        connection.execution_options(**write_options())
-        connection.exec_driver_sql("ANALYZE")
-        connection.commit()
+    try:
+        with _translate_errors(engine), engine.connect() as connection:
+            connection.execution_options(**write_options())
+            connection.exec_driver_sql("ANALYZE")
+            connection.commit()
+    except DatabaseError as e:
+        log.warning("search statistics not refreshed: %s", e)
 
 
 @contextmanager

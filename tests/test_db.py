@@ -9,7 +9,13 @@ import pytest
 from sqlalchemy import select
 
 import storage.db
-from storage.db import DatabaseError, make_engine, read_session, write_session
+from storage.db import (
+    DatabaseError,
+    make_engine,
+    read_session,
+    refresh_statistics,
+    write_session,
+)
 from storage.migrate import (
     DatabaseCorrupt,
     DatabaseMissing,
@@ -96,6 +102,30 @@ def test_lock_held_past_the_timeout_is_one_clear_line(db, monkeypatch):
         holder.execute("ROLLBACK")
     message = str(caught.value)
     assert "\n" not in message and str(db) in message and "locked" in message
+
+
+def test_statistics_are_refreshed_or_a_busy_database_is_only_warned_about(db, monkeypatch,
+                                                                           caplog):
+    monkeypatch.setattr(storage.db, "BUSY_TIMEOUT_SECONDS", 0.2)
+    engine = make_engine(url(db))
+    with write_session(engine) as session:
+        session.add(Meta(key="k", value="v"))  # (ANALYZE leaves empty tables out)
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        refresh_statistics(engine)  # waits 0.2 s for the lock, then gives up: no exception
+    finally:
+        holder.execute("ROLLBACK")
+    assert any("search statistics not refreshed" in r.message and "locked" in r.message
+               for r in caplog.records)
+    with sqlite3.connect(db) as reader:
+        assert not reader.execute("SELECT name FROM sqlite_master WHERE name = 'sqlite_stat1'"
+                                  ).fetchall()
+    refresh_statistics(engine)
+    with sqlite3.connect(db) as reader:
+        stats = dict(reader.execute("SELECT idx, stat FROM sqlite_stat1 WHERE tbl = 'meta'"))
+    assert stats == {"sqlite_autoindex_meta_1": "1 1"}  # one row, one per key
+    engine.dispose()
 
 
 def test_missing_database_says_how_to_create_it_and_creates_nothing(tmp_path):
