@@ -38,6 +38,7 @@ from storage.query_parse import (
     DateTerm,
     PathTerm,
     Query,
+    QueryError,
     ScoreTerm,
     SortKey,
     StatusTerm,
@@ -57,12 +58,23 @@ class UnknownTagError(Exception):
         self.suggestions = suggestions
         message = f"unknown tag {name!r}"
         if suggestions:
-            message += f"; did you mean: {', '.join(suggestions)}?"
+            message += f"; did you mean: {', '.join(map(as_term, suggestions))}?"
         else:
             message += "; 'phototag tags' lists the known tags"
         if "," in name and name != ",":
             message += " (an OR is a lone ',' between spaces: cat , dog)"
         super().__init__(message)
+
+
+def as_term(name: str) -> str:
+    """How to search for the tag ``name``: the name itself, or ``tag:name`` when the name alone
+    would read as something else (``-dash`` a negation, ``date-`` a sort key, ``a:b`` a field)."""
+    try:
+        terms = parse_query([name]).alternatives
+    except QueryError:
+        return f"tag:{name}"
+    plain = terms == [[TagTerm(name)]]
+    return name if plain else f"tag:{name}"
 
 
 @dataclass

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.dialects import postgresql
 
-from storage.db import read_connection, write_session
+from storage.db import make_engine, read_connection, write_session
 from storage.migrate import open_for_write
 from storage.models import (
     ERROR,
@@ -405,6 +405,36 @@ def test_hit_score_is_the_best_matched_tag_score(library):
     assert hits["2023/08/cat_and_dog.jpg"].score == pytest.approx(0.55)  # dog, not cat
     assert hits["2022/Car.JPG"].score == pytest.approx(0.95)
     assert hits["2022/Car.JPG"].path == str(root1 / "2022/Car.JPG")
+
+
+def test_a_tag_named_like_query_syntax_is_suggested_as_it_must_be_typed(tmp_path):
+    """Keywords read off photos can be named "-dash" or "date-"; a suggestion says tag:-dash,
+    which finds them (plain -dash means NOT dash)."""
+    from sqlalchemy import select
+
+    url, root1, _ = build_library(tmp_path)
+    engine = make_engine(url)
+    with write_session(engine) as s:
+        photo = s.scalars(select(Photo).where(Photo.relpath == "2022/Car.JPG")).one()
+        for name in ("-dash", "date-", "score:0.5"):
+            keyword = Tag(name=name, from_mapping=False)
+            s.add(keyword)
+            s.flush()
+            s.add(PhotoTag(photo_id=photo.id, tag_id=keyword.id, score=1.0, source="keyword"))
+    with read_connection(engine) as connection:
+        for typed, suggested in (("dash", "tag:-dash"), ("date", "tag:date-"),
+                                 ("score:0.5x", None)):
+            if suggested is None:  # a malformed field term, not a tag: no suggestion at all
+                with pytest.raises(QueryError):
+                    search(connection, [typed])
+                continue
+            with pytest.raises(UnknownTagError) as info:
+                search(connection, [typed])
+            assert f"did you mean: {suggested}" in str(info.value)
+            assert [h.relpath for h in search(connection, [suggested])] == ["2022/Car.JPG"]
+        assert "did you mean: cat" in str(pytest.raises(UnknownTagError, search, connection,
+                                                        ["catt"]).value)
+    engine.dispose()
 
 
 def test_limit(library):
