@@ -12,6 +12,7 @@ import gc
 import importlib
 import logging
 import sys
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import NoReturn
@@ -130,6 +131,10 @@ def main(ctx: click.Context, config_path: str | None, db_override: str | None, v
     # -v only; storage.migrate quiets it otherwise.
     if verbose:
         logging.getLogger("alembic").setLevel(logging.INFO)
+    else:
+        # Pillow's warnings about an odd file (huge, a damaged EXIF block) name no file and span
+        # two lines; what matters is reported as the photo's own one-line error instead.
+        warnings.filterwarnings("ignore", module=r"PIL\.")
     ctx.obj = App(config_path=config_path, db_override=db_override, verbose=verbose)
     if ctx.invoked_subcommand in READ_ONLY_COMMANDS:
         gc.disable()

@@ -348,7 +348,7 @@ def _find_photo(session, file: str):
 
 
 @click.command()
-@click.argument("file", type=StorablePath())
+@click.argument("file", type=StorablePath(readable=False))  # its record, readable or not
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_app
 def show(app: App, file: str, as_json: bool) -> None:

@@ -540,6 +540,22 @@ def test_names_that_are_not_utf8_are_skipped_with_a_warning(lib, inferred):
         assert "its name is not UTF-8" in result.output
 
 
+def test_pillows_own_warnings_stay_out_of_the_output(lib):
+    """A 90-megapixel PNG (over Pillow's warning limit, under phototag's) is tagged; Pillow's
+    two-line DecompressionBombWarning, which names no file, is not printed."""
+    big = lib.album / "scans/big.png"
+    big.parent.mkdir()
+    Image.new("L", (9500, 9500), 128).save(big)
+    phototag = str(Path(sys.executable).parent / "phototag")
+    process = subprocess.run([phototag, "--config", str(lib.config), "--db", str(lib.db),
+                              "index", str(lib.album)], capture_output=True, text=True)
+    assert process.returncode == 0, process.stderr
+    assert "7 new" in process.stdout and "0 failed" in process.stdout
+    assert "DecompressionBombWarning" not in process.stderr, process.stderr
+    assert "warnings.warn(" not in process.stderr, process.stderr
+    assert lib.photos()["scans/big.png"]["status"] == TAGGED
+
+
 def test_missing_weights_fail_before_the_database_is_touched(lib, tmp_path):
     lib.config.write_text(f'[model]\nweights = "{tmp_path / "nope.pth"}"\n')
     result = lib.index(ok=False)
