@@ -13,7 +13,8 @@ Three steps, each safe to interrupt at any moment:
 3. ``tag_jobs`` works through pending photos: hashes each file (and reads its EXIF date) in a
    few threads, still catches a move the scan could not see (the old file vanished after it),
    tags the rest with the model, and commits results one batch per write transaction. The model
-   runs outside any transaction.
+   runs outside any transaction. Each attempt is recorded as started first, so that a photo
+   that brings the process down (a crash, the OOM killer) is found out and cannot block the queue.
 
 This module imports neither torch nor the tagger; the caller passes a tagger (``LazyTagger``).
 """
@@ -28,6 +29,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -310,7 +312,7 @@ def remove_gone(engine: Engine, scanned: Reconciled, *, summary: Summary | None 
             if source is not None:
                 moves.append((job, facts, source))
         if moves:
-            _store(engine, None, _Pending(moves=moves), 0.0, summary, warn)
+            _store(engine, None, _Pending(moves=moves), {}, 0.0, summary, warn)
 
     with write_session(engine) as session:
         root = session.get(AlbumRoot, scanned.root_id)
@@ -363,24 +365,87 @@ class _Pending:
         return len(self.results) + len(self.errors) + len(self.moves)
 
 
+MAX_INTERRUPTED = 3  # attempts (the last one never ended) after which a photo is given up on
+
+
 def tag_jobs(engine: Engine, tagger: TaggerLike, jobs: Iterable[Job], *, retry_after: float = 600.0,
              summary: Summary | None = None, warn: Warn = log.warning,
              advance: Callable[[int], None] | None = None, facts_threads: int = 2) -> Summary:
     """Tag ``jobs`` (see the module docstring). ``advance(n)`` reports n more photos handled.
 
     Commits after every batch; an exception or interrupt loses at most the uncommitted batch,
-    whose photos simply stay pending.
+    whose photos simply stay pending. Each photo's attempt is counted before the photo is read
+    (``library.start_attempt``). A photo found with an attempt that never ended (phototag died
+    while tagging it, maybe because of it: a crash in an image library, an out-of-memory kill)
+    is tagged on its own, and recorded as failed, not to be retried until it changes, once it
+    has MAX_INTERRUPTED attempts: one such photo costs a few restarts, never the queue behind it.
     """
     summary = summary if summary is not None else Summary()
+    started = time.monotonic()
+    claims: dict[int, datetime] = {}  # attempts started here whose outcome is not stored yet
+    jobs = iter(jobs)
+    held: list[Job] = []
+    try:
+        while True:
+            _tag_stream(engine, tagger, _start_attempts(engine, jobs, claims, held), claims,
+                        retry_after, summary, warn, advance, facts_threads)
+            if not held:
+                break
+            job = held.pop()
+            if job.attempts >= MAX_INTERRUPTED:
+                _give_up(engine, job, summary, warn)
+                if advance:
+                    advance(1)
+            else:  # alone, so that if it stops phototag again no other photo is held up
+                _tag_stream(engine, tagger, _start_attempts(engine, iter([job]), claims, None),
+                            claims, retry_after, summary, warn, advance, facts_threads)
+    finally:
+        if claims:  # stopped (or failed) with photos in flight: those attempts do not count
+            with write_session(engine) as session:
+                library.abandon_attempts(session, claims.items())
+        summary.seconds += time.monotonic() - started
+    return summary
+
+
+def _start_attempts(engine: Engine, jobs: Iterator[Job], claims: dict[int, datetime],
+                    held: list[Job] | None) -> Iterator[Job]:
+    """Start each job's attempt (one short write transaction) and pass the job on. With ``held``:
+    stop at the first job whose earlier attempt never ended, and leave it there."""
+    for job in jobs:
+        if held is not None and job.interrupted:
+            held.append(job)
+            return
+        now = library.utcnow()
+        with write_session(engine) as session:
+            if not library.start_attempt(session, job, now):
+                continue  # changed or gone since it was read: its next turn will see
+        claims[job.photo_id] = now
+        yield job
+
+
+def _give_up(engine: Engine, job: Job, summary: Summary, warn: Warn) -> None:
+    reason = (f"phototag stopped while tagging it (a crash? out of memory?), attempt "
+              f"{job.attempts}; not tried again until the file changes or "
+              "`phototag retag --errors`")
+    with write_session(engine) as session:
+        given_up = library.store_error(session, job, reason, retry_after=None)
+    if given_up:
+        summary.failed += 1
+        warn(f"{job.path}: {reason}")
+
+
+def _tag_stream(engine: Engine, tagger: TaggerLike, jobs: Iterable[Job],
+                claims: dict[int, datetime], retry_after: float, summary: Summary, warn: Warn,
+                advance: Callable[[int], None] | None, facts_threads: int) -> None:
+    """Hash, tag and store ``jobs`` as one stream through the model, a batch per commit."""
     batch_size = max(1, tagger.batch_size)
     waiting = _Pending()
     in_model: deque[tuple[Job, FileFacts]] = deque()
-    started = time.monotonic()
 
     def flush() -> None:
         if waiting:
             handled = len(waiting)
-            _store(engine, tagger, waiting, retry_after, summary, warn)
+            _store(engine, tagger, waiting, claims, retry_after, summary, warn)
             waiting.results.clear()
             waiting.errors.clear()
             waiting.moves.clear()
@@ -401,17 +466,13 @@ def tag_jobs(engine: Engine, tagger: TaggerLike, jobs: Iterable[Job], *, retry_a
             if len(waiting.errors) + len(waiting.moves) >= batch_size:
                 flush()
 
-    try:
-        for result in tagger.tag_files(for_the_model()):
-            job, facts = in_model.popleft()
-            assert Path(result.path) == job.path, (result.path, job.path)
-            waiting.results.append((job, facts, result))
-            if len(waiting.results) >= batch_size:
-                flush()
-        flush()
-    finally:
-        summary.seconds += time.monotonic() - started
-    return summary
+    for result in tagger.tag_files(for_the_model()):
+        job, facts = in_model.popleft()
+        assert Path(result.path) == job.path, (result.path, job.path)
+        waiting.results.append((job, facts, result))
+        if len(waiting.results) >= batch_size:
+            flush()
+    flush()
 
 
 def _with_facts(jobs: Iterable[Job], threads: int) -> Iterator[tuple[Job, FileFacts]]:
@@ -443,17 +504,21 @@ def _moved_from(engine: Engine, job: Job, facts: FileFacts) -> int | None:
         return photo.id if photo is not None else None
 
 
-def _store(engine: Engine, tagger: TaggerLike | None, waiting: _Pending, retry_after: float,
-           summary: Summary, warn: Warn) -> None:
-    """One write transaction for a batch of outcomes; warnings only once it committed."""
+def _store(engine: Engine, tagger: TaggerLike | None, waiting: _Pending,
+           claims: dict[int, datetime], retry_after: float, summary: Summary, warn: Warn) -> None:
+    """One write transaction for a batch of outcomes; warnings only once it committed. Each job
+    leaves ``claims``; an attempt whose outcome could not be stored is taken back."""
     warnings: list[str] = []
     counts = Summary()
+    not_stored: list[Job] = []
     with write_session(engine) as session:
         for job, facts, source_id in waiting.moves:
             if _apply_move(session, job, facts, source_id):
                 counts.moved += 1
                 if (job.root_id, job.relpath) in summary.new_keys:
                     counts.new -= 1
+            else:
+                not_stored.append(job)
         for job, facts, result in waiting.results:
             if result.error is not None:
                 waiting.errors.append((job, result.error))
@@ -466,10 +531,19 @@ def _store(engine: Engine, tagger: TaggerLike | None, waiting: _Pending, retry_a
             if stored:
                 keyword_sync.store_keywords(session, job.photo_id, facts.keywords,
                                             sidecar_state=facts.sidecar_state)
+            else:
+                not_stored.append(job)
         for job, reason in waiting.errors:
             if library.store_error(session, job, reason, retry_after=retry_after):
                 counts.failed += 1
                 warnings.append(f"{job.path}: {reason}")
+            else:
+                not_stored.append(job)
+        library.abandon_attempts(session, [(job.photo_id, claims[job.photo_id])
+                                           for job in not_stored if job.photo_id in claims])
+    for job in [job for job, _, _ in waiting.moves] + [job for job, _, _ in waiting.results] + [
+            job for job, _ in waiting.errors]:
+        claims.pop(job.photo_id, None)
     summary.moved += counts.moved
     summary.new += counts.new
     summary.tagged += counts.tagged

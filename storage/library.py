@@ -314,6 +314,7 @@ def _mark_changed(photo: Photo, size: int, mtime_ns: int) -> None:
     photo.error = None
     photo.attempts = 0
     photo.retry_at = None
+    photo.attempt_started_at = None
     photo.indexed_at = utcnow()
 
 
@@ -398,6 +399,8 @@ class Job:
     size: int
     mtime_ns: int
     content_hash: str | None
+    attempts: int = 0  # tagging attempts so far, failed or never ended
+    interrupted: bool = False  # an attempt started and never ended (see start_attempt)
 
 
 def due_filter(now: datetime):
@@ -416,7 +419,7 @@ def pending_jobs(session: Session, limit: int | None = None, *, now: datetime | 
     now = now or utcnow()
     condition = due_filter(now) if include_errors else Photo.status == PENDING
     query = (select(Photo.id, Photo.root_id, AlbumRoot.path, Photo.relpath, Photo.size, Photo.mtime_ns,
-                    Photo.content_hash)
+                    Photo.content_hash, Photo.attempts, Photo.attempt_started_at)
              .join(AlbumRoot, Photo.root_id == AlbumRoot.id)
              .where(condition, Photo.id > after_id)
              .order_by(Photo.id))
@@ -429,8 +432,8 @@ def pending_jobs(session: Session, limit: int | None = None, *, now: datetime | 
     if limit is not None:
         query = query.limit(limit)
     return [Job(photo_id, root_id, relpath, Path(root_dir, *PurePosixPath(relpath).parts), size,
-                mtime_ns, digest)
-            for photo_id, root_id, root_dir, relpath, size, mtime_ns, digest
+                mtime_ns, digest, attempts, started is not None)
+            for photo_id, root_id, root_dir, relpath, size, mtime_ns, digest, attempts, started
             in session.execute(query)]
 
 
@@ -470,6 +473,7 @@ def store_result(session: Session, job: Job, tags: Iterable[ScoredTag], *, model
     photo.error = None
     photo.attempts = 0
     photo.retry_at = None
+    photo.attempt_started_at = None
     photo.tagged_at = now or utcnow()
     photo.model = model
     photo.mapping_version = mapping_version
@@ -482,22 +486,53 @@ def store_result(session: Session, job: Job, tags: Iterable[ScoredTag], *, model
     return True
 
 
-def store_error(session: Session, job: Job, reason: str, *, retry_after: float = 600.0,
+def store_error(session: Session, job: Job, reason: str, *, retry_after: float | None = 600.0,
                 now: datetime | None = None) -> bool:
-    """Record why tagging failed and when to try again: ``retry_after`` seconds, doubled per failure.
+    """Record why tagging failed and when to try again: ``retry_after`` seconds, doubled per
+    failure; ``retry_after=None``: not until the file changes or ``phototag retag --errors``.
 
-    Tags from an earlier successful run stay. Returns False if the photo changed or went away.
+    The attempt counts once: at ``start_attempt`` if it went through it, else here. Tags from an
+    earlier successful run stay. Returns False if the photo changed or went away.
     """
     photo = _current(session, job)
     if photo is None:
         return False
-    photo.attempts = (photo.attempts or 0) + 1
-    delay = retry_after * 2 ** min(photo.attempts - 1, MAX_RETRY_DOUBLINGS)
+    if photo.attempt_started_at is None:
+        photo.attempts = (photo.attempts or 0) + 1
+    photo.attempt_started_at = None
     photo.status = ERROR
     photo.error = reason
-    photo.retry_at = (now or utcnow()) + timedelta(seconds=delay)
+    if retry_after is None:
+        photo.retry_at = None
+    else:
+        delay = retry_after * 2 ** min(max(photo.attempts, 1) - 1, MAX_RETRY_DOUBLINGS)
+        photo.retry_at = (now or utcnow()) + timedelta(seconds=delay)
     session.flush()
     return True
+
+
+def start_attempt(session: Session, job: Job, now: datetime) -> bool:
+    """Count a tagging attempt of the job's photo as started at ``now``, before the photo is read:
+    if phototag dies while tagging it (a crash in an image library, an out-of-memory kill), the
+    photo is found with the attempt still open. False if the photo changed or went away."""
+    photo = _current(session, job)
+    if photo is None:
+        return False
+    photo.attempts = (photo.attempts or 0) + 1
+    photo.attempt_started_at = now
+    session.flush()
+    return True
+
+
+def abandon_attempts(session: Session, started: Iterable[tuple[int, datetime]]) -> None:
+    """Take back the attempts started at those times whose outcome was never stored (phototag
+    stopped cleanly meanwhile, or the photo turned out to be a move): they do not count."""
+    for photo_id, at in started:
+        photo = session.get(Photo, photo_id)
+        if photo is not None and photo.attempt_started_at == at:
+            photo.attempts = max(0, (photo.attempts or 0) - 1)
+            photo.attempt_started_at = None
+    session.flush()
 
 
 def requeue(session: Session, *, outdated: tuple[str, str] | None = None, errors: bool = False,
@@ -526,8 +561,8 @@ def requeue(session: Session, *, outdated: tuple[str, str] | None = None, errors
         if under:
             query = query.where(Photo.relpath.startswith(under + "/", autoescape=True))
     result = session.execute(
-        query.values(status=PENDING, retry_at=None, attempts=0).execution_options(
-            synchronize_session=False))
+        query.values(status=PENDING, retry_at=None, attempts=0, attempt_started_at=None)
+        .execution_options(synchronize_session=False))
     return result.rowcount or 0
 
 

@@ -83,6 +83,10 @@ photo = Table(
     # The photo's XMP sidecars ("<size>:<mtime_ns>" per naming, see storage.keywords.sidecar_state)
     # when the keywords in them were last read: a scan that finds them different reads them again.
     Column("sidecar_state", String(100)),
+    # When the current tagging attempt started (the photo entered the tagger; counted in
+    # attempts); cleared when its outcome is stored. Still set when phototag finds the photo
+    # again: the attempt never ended (a crash, an out-of-memory kill), see daemon.indexer.
+    Column("attempt_started_at", DateTime),
     UniqueConstraint("root_id", "relpath", name="uq_photo_root_relpath"),
     Index("ix_photo_status_retry", "status", "retry_at"),
     Index("ix_photo_content_hash", "content_hash"),

@@ -621,6 +621,8 @@ def test_interrupted_run_continues_where_it_stopped(lib, inferred, monkeypatch):
     done = {relpath for relpath, p in photos.items() if p["status"] == TAGGED}
     pending = {relpath for relpath, p in photos.items() if p["status"] == PENDING}
     assert len(done) == 4 and len(pending) == 2
+    # A clean stop takes back the attempts it started: nothing looks like it crashed phototag.
+    assert all(p["attempts"] == 0 and p["attempt_started_at"] is None for p in photos.values())
 
     monkeypatch.setattr(Tagger, "tag_files", counting)
     inferred.clear()
@@ -666,6 +668,58 @@ def test_kill_9_mid_run_loses_nothing_and_duplicates_nothing(lib, inferred):
     after = lib.photos()
     assert all(p["status"] == TAGGED for p in after.values())
     assert all(after[r]["tagged_at"] == photos[r]["tagged_at"] for r in done)
+
+
+POISON = """
+import os, signal, sys
+import tagger.engine
+from daemon.cli import main
+
+original = tagger.engine.load_image
+def crashing(path, *args, **kwargs):
+    if "poison" in os.fspath(path):  # as a crash in an image library, or the OOM killer, would
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(path, *args, **kwargs)
+tagger.engine.load_image = crashing
+main(sys.argv[1:])
+"""
+
+
+def test_a_photo_that_kills_phototag_is_given_up_on_and_holds_up_no_other(lib, inferred):
+    """Each run (as systemd's restarts would) dies on the poisoned photo; the photos in flight
+    with it are tagged one by one in the next run; after MAX_INTERRUPTED attempts the poisoned
+    photo is recorded as failed, not retried, the file untouched, and the run completes."""
+    from daemon.indexer import MAX_INTERRUPTED
+
+    for i in range(4, 14):
+        write_jpeg(lib.album / f"2024/img{i}.jpg", i)
+    poison = write_jpeg(lib.album / "2024/img08_poison.jpg", 99)
+    original = poison.read_bytes()
+    runs = []
+    while not runs or runs[-1] != 0:
+        assert len(runs) <= MAX_INTERRUPTED, runs
+        process = subprocess.run(
+            [sys.executable, "-c", POISON, "--config", str(lib.config), "--db", str(lib.db),
+             "index", str(lib.album)], capture_output=True, text=True, cwd=REPO)
+        runs.append(process.returncode)
+    assert runs == [-signal.SIGKILL] * MAX_INTERRUPTED + [0]
+    assert "img08_poison.jpg: phototag stopped while tagging it" in process.stderr
+    assert "1 failed" in summary_of(process.stdout)
+    photos = lib.photos()
+    failed = photos.pop("2024/img08_poison.jpg")
+    assert failed["status"] == ERROR and failed["retry_at"] is None
+    assert failed["attempts"] == MAX_INTERRUPTED and failed["attempt_started_at"] is None
+    assert "not tried again until the file changes" in failed["error"]
+    assert all(p["status"] == TAGGED for p in photos.values()) and len(photos) == 16
+    assert all(p["attempts"] == 0 and p["attempt_started_at"] is None for p in photos.values())
+    assert poison.read_bytes() == original
+
+    result = lib.index()  # given up on: not tried again...
+    assert inferred == [] and "0 failed" in summary_of(result.output)
+    poison.write_bytes(original + b"\0")  # ...until the file changes
+    lib.index()
+    assert [p.name for p in inferred] == ["img08_poison.jpg"]
+    assert lib.photos()["2024/img08_poison.jpg"]["status"] == TAGGED
 
 
 def test_users_own_keywords_are_indexed_and_searchable(lib):
