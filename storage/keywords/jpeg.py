@@ -7,9 +7,12 @@ never change. Nothing is decoded or re-encoded.
 
 from __future__ import annotations
 
+import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 SOI = b"\xff\xd8"
 SOS = 0xDA
@@ -24,10 +27,46 @@ MPF_ID = b"MPF\x00"
 MAX_PAYLOAD = 0xFFFF - 2
 MAX_XMP_PACKET = MAX_PAYLOAD - len(XMP_ID)  # 65504 bytes
 _STANDALONE = {0x01, *range(0xD0, 0xD8)}
+# Everything before the image data. A camera JPEG's header is tens of KB; with ICC profiles and
+# Extended XMP (depth maps, panorama data: each piece under 64 KB) a few MB. A header that has
+# not ended after 64 MiB is a damaged or hostile file, not worth reading further.
+MAX_HEADER_BYTES = 64 * 1024 * 1024
 
 
 class JpegError(ValueError):
     """The bytes are not a JPEG whose header we can walk safely."""
+
+
+class JpegTruncated(JpegError):
+    """The header runs past the end of the bytes given: more of the file may complete it."""
+
+
+class NotReadable(OSError):
+    """A file refused before reading (not a regular file, too large); the message is the reason.
+
+    An OSError, so that callers that already skip unreadable files skip these too; ``strerror``
+    holds the reason as well, for messages built from it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.strerror = reason
+
+
+def open_regular(path: Path | str) -> BinaryIO:
+    """Open ``path`` for reading if it is a regular file, else raise NotReadable at once.
+
+    A plain ``open()`` of a FIFO waits for a writer, forever; a device such as /dev/zero never
+    ends. O_NONBLOCK makes the open itself return at once, then fstat on the descriptor (not on
+    the path, which may have been swapped meanwhile) tells what was opened."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotReadable("not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 @dataclass(frozen=True)
@@ -73,12 +112,14 @@ def split(data: bytes) -> JpegParts:
     pos, segments = 2, []
     while True:
         start = pos
-        if pos >= len(data) or data[pos] != 0xFF:
-            raise JpegError(f"no marker at byte {pos} (corrupt or truncated header)")
+        if pos >= len(data):
+            raise JpegTruncated(f"no marker at byte {pos} (truncated header)")
+        if data[pos] != 0xFF:
+            raise JpegError(f"no marker at byte {pos} (corrupt header)")
         while pos < len(data) and data[pos] == 0xFF:
             pos += 1  # fill bytes
         if pos >= len(data):
-            raise JpegError("truncated header")
+            raise JpegTruncated("truncated header")
         marker = data[pos]
         pos += 1
         if marker == SOS:
@@ -89,23 +130,32 @@ def split(data: bytes) -> JpegParts:
             segments.append(Segment(marker, data[start:pos]))
             continue
         if pos + 2 > len(data):
-            raise JpegError("truncated header")
+            raise JpegTruncated("truncated header")
         (length,) = struct.unpack(">H", data[pos : pos + 2])
-        if length < 2 or pos + length > len(data):
-            raise JpegError(f"segment 0x{marker:02X} at byte {start} runs past the end of file")
+        if length < 2:
+            raise JpegError(f"segment 0x{marker:02X} at byte {start} has a bad length ({length})")
+        if pos + length > len(data):
+            raise JpegTruncated(f"segment 0x{marker:02X} at byte {start} runs past the end of file")
         pos += length
         segments.append(Segment(marker, data[start:pos]))
 
 
 def read_header(path: Path, first: int = 64 * 1024) -> JpegParts:
     """``split`` of the file at ``path``, reading only as far as its header needs (the image
-    data is read only if the header has not ended by then): metadata without the megabytes."""
-    with open(path, "rb") as f:
+    data is read only if the header has not ended by then): metadata without the megabytes.
+
+    Raises NotReadable (an OSError) for a FIFO or a device, JpegError for a header that is
+    damaged or longer than MAX_HEADER_BYTES."""
+    with open_regular(path) as f:
         data = f.read(first)
         while True:
             try:
                 return split(data)
-            except JpegError:
+            except JpegTruncated:
+                if len(data) >= MAX_HEADER_BYTES:
+                    raise JpegError(
+                        f"JPEG header longer than {MAX_HEADER_BYTES // 2**20} MiB; not read"
+                    ) from None
                 more = f.read(len(data))
                 if not more:
                     raise

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import xmp
 from .atomic import is_writable, replace_atomically
+from .jpeg import NotReadable, open_regular
 from .result import BeforeReplace, KeywordWriteError, PendingWrite
 from .tagpaths import KeywordPath
 
@@ -18,6 +19,10 @@ NAMINGS = (APPEND, REPLACE)
 
 
 SUFFIX = ".xmp"
+# Real sidecars are KB; darktable's and Lightroom's, with long edit histories, a few MB at most.
+# 16 MiB is far above any of them, and stops a huge or endless file (a 3 GB file, a link to
+# /dev/zero) from being read whole into memory.
+MAX_SIDECAR_BYTES = 16 * 1024 * 1024
 
 
 def is_sidecar_name(name: str) -> bool:
@@ -82,13 +87,17 @@ def _size_mtime(path: str) -> tuple[int, int] | None:
 
 
 def read_sidecar(path: Path) -> tuple[xmp.XmpDoc, os.stat_result] | None:
-    """The parsed sidecar and its stat, None if there is none. Raises XmpError / OSError."""
+    """The parsed sidecar and its stat, None if there is none. Raises XmpError / OSError; a
+    sidecar that is not a regular file (a FIFO would block forever, a device never end) or is
+    larger than MAX_SIDECAR_BYTES raises NotReadable (an OSError) without being read whole."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        with open_regular(path) as f:
             st = os.fstat(f.fileno())
+            data = b"" if st.st_size > MAX_SIDECAR_BYTES else f.read(MAX_SIDECAR_BYTES + 1)
     except FileNotFoundError:
         return None
+    if st.st_size > MAX_SIDECAR_BYTES or len(data) > MAX_SIDECAR_BYTES:
+        raise NotReadable(f"larger than {MAX_SIDECAR_BYTES // 2**20} MiB, the limit for a sidecar")
     return xmp.parse(data), st
 
 
@@ -112,6 +121,9 @@ def write_sidecar(
         existing = read_sidecar(path)
     except xmp.XmpError as exc:
         raise KeywordWriteError(path, f"existing sidecar is not valid XMP ({exc}); left untouched")
+    except NotReadable as exc:
+        reason = f"existing sidecar not read ({exc}); left untouched"
+        raise KeywordWriteError(path, reason) from None
     if existing is None:
         doc, side_st = xmp.new_doc(), None
         mode = stat.S_IMODE(photo_stat.st_mode) & 0o666
