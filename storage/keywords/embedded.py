@@ -71,9 +71,15 @@ def write_embedded(
     else:
         try:
             exif_dict = exif.load(segments[exif_at].payload)
-        except Exception as exc:  # piexif raises assorted errors on odd blocks
-            notes.append(f"XPKeywords skipped: piexif cannot read the EXIF block ({exc})")
-    users_xp = [k for k in exif.decode_xpkeywords(exif_dict or {}) if k not in set(previous)]
+        except exif.ExifDamaged as exc:  # not merely odd: values point outside the block
+            raise KeywordWriteError(photo, f"{exc}; not written") from None
+        except exif.ExifUnreadable as exc:
+            notes.append(f"XPKeywords skipped: {exc}")
+    try:
+        users_xp = [k for k in exif.decode_xpkeywords(exif_dict or {}) if k not in set(previous)]
+    except exif.ExifUnreadable as exc:  # left as it is
+        notes.append(f"XPKeywords skipped: {exc}")
+        exif_dict, users_xp = None, []
 
     try:
         owned = xmp.merge_keywords(doc, keywords, previous, also_users=users_xp)
