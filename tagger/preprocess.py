@@ -18,19 +18,31 @@ Conversions to RGB, decided here once for every caller:
 * HEIC/HEIF is read through pillow-heif when it is installed (an optional extra).
 * A decompression-bomb limit: images over ``max_pixels()`` are refused before decoding.
 
+Memory: formats other than JPEG cannot be decoded at a reduced size, so a large PNG, TIFF, WebP or
+HEIC is decoded whole once, and then, band by band, converted to RGB and box-reduced (``Image.reduce``)
+to at least ``REDUCING_GAP`` times the resize target, and resized to exactly torchvision's resize size.
+Only one full-size image ever exists (a 169 MP RGBA PNG needs 0.7 GB, not 4 GB), and the few large
+decodes run one at a time across threads. The 224x224 crop differs from that of the full image by a
+third of an 8-bit level on average (2 at most), like Pillow's own ``reducing_gap``.
+
+PNG text and ICC chunks may decompress to 16 MB each (Pillow's guard stops at 1 MB); larger ones are
+refused with a clear reason, since they are decompression bombs rather than photos.
+
 Every failure is an ``ImageError`` with a one-line reason; callers add the file name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import threading
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 if TYPE_CHECKING:
     import torch
@@ -49,6 +61,30 @@ except ImportError:
 # would only repeat it.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
+# Pillow refuses a PNG whose zTXt/iTXt/iCCP chunk decompresses to over 1 MB (a decompression-bomb
+# guard), which a large ICC profile or XMP packet can exceed; 16 MB still bounds the memory per chunk
+# (and text chunks stay bounded by PngImagePlugin.MAX_TEXT_MEMORY, 64 MB, in total).
+PngImagePlugin.MAX_TEXT_CHUNK = max(PngImagePlugin.MAX_TEXT_CHUNK, 16 * 1024 * 1024)
+
+REDUCING_GAP = 3
+"""A large decode is box-reduced to at least this many times the resize size before the final resize
+(Pillow's ``reducing_gap``: 3 is indistinguishable from resizing the full image in most cases)."""
+
+LARGE_DECODE_PIXELS = 64_000_000
+"""Decodes over this many pixels (0.25 GB and up) run one at a time, whatever the thread count."""
+
+_BAND_PIXELS = 1 << 20  # converted to RGB this many pixels at a time: a few MB of temporary copies
+_large_decodes = threading.Lock()
+_TRANSPOSE = {  # EXIF orientation -> the transposition that shows it upright (as ImageOps.exif_transpose)
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
 _HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif"}
 
 
@@ -64,12 +100,14 @@ def max_pixels() -> int:
     return 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else 0
 
 
-def load_image(path: str | os.PathLike, size: int) -> tuple[Image.Image, tuple[int, int]]:
+def load_image(path: str | os.PathLike, size: int,
+               interpolation: str = "bilinear") -> tuple[Image.Image, tuple[int, int]]:
     """Decode ``path`` to an upright RGB image whose shorter side is >= ``size`` where possible.
 
-    JPEGs are decoded in draft mode at the smallest DCT scale that keeps the shorter side >= ``size``
-    (other formats are decoded in full). Returns the image and the original ``(width, height)``
-    after EXIF orientation. Raises ``ImageError``.
+    JPEGs are decoded in draft mode at the smallest DCT scale that keeps the shorter side >= ``size``.
+    An image still over ``REDUCING_GAP`` times that size after decoding is reduced to exactly the
+    size ``Resize(size)`` gives, with ``interpolation`` (the backbone's) for the last step. Returns
+    the image and the original ``(width, height)`` after EXIF orientation. Raises ``ImageError``.
     """
     path = Path(path)
     try:
@@ -90,27 +128,67 @@ def load_image(path: str | os.PathLike, size: int) -> tuple[Image.Image, tuple[i
         raise ImageError("permission denied") from None
     except OSError as e:
         raise ImageError(f"cannot read file: {e.strerror or e}") from None
+    except ValueError as e:
+        raise ImageError(_png_chunk_reason(e) or f"cannot decode image: {e}") from None
     with im:
         width, height = im.size
         limit = max_pixels()
         if limit and width * height > limit:
             raise ImageError(f"image too large: {width}x{height} pixels (limit {limit})")
-        orientation = _orientation(im)
-        if orientation in (5, 6, 7, 8):
-            width, height = height, width
         if im.format == "JPEG":
             im.draft(None, (size, size))  # no-op if the image is already small
+        large = im.width * im.height > LARGE_DECODE_PIXELS
         try:
-            im.load()
-            image = ImageOps.exif_transpose(im) if orientation not in (None, 1) else im
-            image = to_rgb(image)
+            with _large_decodes if large else contextlib.nullcontext():
+                orientation = _orientation(im)  # a PNG's EXIF may follow the pixels: this can decode
+                im.load()
+                image = reduced_rgb(im, size, interpolation)
+                if image is not im:
+                    im.close()  # free the full-size decode before the next large one starts
+            if orientation in _TRANSPOSE:
+                image = image.transpose(_TRANSPOSE[orientation])
+            if orientation in (5, 6, 7, 8):
+                width, height = height, width
         except ImageError:
             raise
         except OSError as e:
             raise ImageError(_decode_reason(im.format, e)) from None
-        except (ValueError, SyntaxError, EOFError, IndexError, TypeError) as e:
+        except ValueError as e:
+            reason = _png_chunk_reason(e) or f"cannot decode {im.format or 'image'}: {e}"
+            raise ImageError(reason) from None
+        except (SyntaxError, EOFError, IndexError, TypeError) as e:
             raise ImageError(f"cannot decode {im.format or 'image'}: {e}") from None
     return image, (width, height)
+
+
+def reduction_factor(width: int, height: int, size: int) -> tuple[int, int]:
+    """The integer box reduction per axis that keeps the image ``REDUCING_GAP`` times its resize size."""
+    target_w, target_h = resized_size(width, height, size)
+    return max(1, width // (REDUCING_GAP * target_w)), max(1, height // (REDUCING_GAP * target_h))
+
+
+def reduced_rgb(image: Image.Image, size: int, interpolation: str = "bilinear") -> Image.Image:
+    """A loaded image -> RGB (as ``to_rgb``), reduced to ``Resize(size)``'s size if it is large.
+
+    Converts and reduces a band of rows at a time, so the conversions' full-size copies never exist;
+    converting before reducing keeps the result that of ``to_rgb`` on the whole image. The final
+    resize maps the reduced image's exact extent (the last box may be partial), so sampling
+    positions match a resize of the full image.
+    """
+    factor = reduction_factor(image.width, image.height, size)
+    if factor == (1, 1) and (image.mode == "RGB" or image.width * image.height <= _BAND_PIXELS):
+        return to_rgb(image)
+    fx, fy = factor
+    rows = max(fy, _BAND_PIXELS // image.width // fy * fy)  # a multiple of fy: bands reduce exactly
+    out = Image.new("RGB", (-(-image.width // fx), -(-image.height // fy)))
+    for top in range(0, image.height, rows):
+        band = image.crop((0, top, image.width, min(top + rows, image.height)))
+        out.paste(to_rgb(band).reduce(factor), (0, top // fy))
+    if factor == (1, 1):
+        return out
+    return out.resize(resized_size(image.width, image.height, size),
+                      Image.Resampling[interpolation.upper()],
+                      box=(0, 0, image.width / fx, image.height / fy))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -156,6 +234,18 @@ def _unidentified_reason(path: Path) -> str:
     if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS and not HEIF_SUPPORT:
         return "HEIC/HEIF image, but pillow-heif is not installed (pip install phototag[heif])"
     return "not an image (cannot identify format)"
+
+
+def _png_chunk_reason(error: ValueError) -> str | None:
+    """Pillow's decompression-bomb guards on PNG text/ICC chunks, in plain words (else None)."""
+    text = str(error)
+    if "MAX_TEXT_CHUNK" in text:
+        limit = PngImagePlugin.MAX_TEXT_CHUNK // (1024 * 1024)
+        return f"PNG text or ICC profile chunk larger than {limit} MB when decompressed"
+    if "MAX_TEXT_MEMORY" in text:
+        limit = PngImagePlugin.MAX_TEXT_MEMORY // (1024 * 1024)
+        return f"PNG text chunks larger than {limit} MB in total when decompressed"
+    return None
 
 
 def _decode_reason(fmt: str | None, error: OSError) -> str:

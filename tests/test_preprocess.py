@@ -4,18 +4,21 @@ torchvision's reference transforms."""
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 import subprocess
-import shutil
 import sys
+import threading
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile, PngImagePlugin
 
+import tagger.preprocess
 from tagger.backbones import get_backbone
 from tagger.preprocess import (
     ImageError,
@@ -24,6 +27,8 @@ from tagger.preprocess import (
     preprocess,
     reference_load,
     reference_transform,
+    resize_crop,
+    to_uint8_array,
 )
 
 PHOTOS = Path(__file__).parent / "fixtures" / "photos"
@@ -101,6 +106,166 @@ def test_jpeg_is_decoded_in_draft_mode_to_the_smallest_scale_still_large_enough(
 def test_a_small_jpeg_is_decoded_in_full(resnet):
     image, size = load_image(CAT, resnet.resize)
     assert image.size == size == (400, 266)
+
+
+# --- large images that cannot be decoded at a reduced size (PNG, TIFF, WebP, HEIC) ----------------
+
+
+def detailed(width: int, height: int) -> Image.Image:
+    """The cat enlarged, plus seeded pixel noise: fine detail, so that any shift in sampling shows."""
+    base = np.asarray(cat().resize((width, height), Image.Resampling.BILINEAR), dtype=np.int16)
+    noise = np.random.default_rng(0).integers(-40, 41, size=(height, width, 1), dtype=np.int16)
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+
+def large_png(folder: Path, mode: str, width: int = 3001, height: int = 2001, **save) -> Path:
+    """A ``mode`` PNG of the detailed cat: RGBA with an alpha gradient, 16-bit grey, or a palette
+    whose colour 0 is transparent."""
+    rgb = detailed(width, height)
+    if mode == "RGBA":
+        image = rgb.copy()
+        image.putalpha(Image.linear_gradient("L").resize((width, height)))
+    elif mode == "I;16":
+        image = Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)
+    elif mode == "P":
+        image = rgb.quantize(64)
+        save["transparency"] = 0
+    else:
+        image = rgb.convert(mode)
+    path = folder / f"large-{mode.replace(';', '')}-{width}x{height}.png"
+    image.save(path, compress_level=1, **save)
+    with Image.open(path) as im:
+        assert im.mode == mode and im.size == (width, height)
+    return path
+
+
+def eight_bit_difference(image: Image.Image, path: Path, backbone) -> np.ndarray:
+    """|our 224x224 crop of ``image`` - that of the naive full-size decode of ``path``|, 8-bit levels."""
+    fast = to_uint8_array(resize_crop(image, backbone)).astype(np.int16)
+    full = to_uint8_array(resize_crop(reference_load(path), backbone)).astype(np.int16)
+    return np.abs(fast - full)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "I;16", "P", "RGB"])
+def test_large_png_is_reduced_to_the_resize_size_with_the_full_size_result(tmp_path, resnet, mode):
+    path = large_png(tmp_path, mode)
+    image, size = load_image(path, resnet.resize)
+    assert size == (3001, 2001)
+    assert image.mode == "RGB"
+    # What torchvision's Resize(256) makes of 3001x2001 (box-reduced by 2 first, to 1501x1001 whose
+    # last column and row are half boxes: the final resize must map that extent exactly).
+    assert image.size == (383, 256)
+    difference = eight_bit_difference(image, path, resnet)
+    assert difference.mean() < 0.45  # resizing the full image gives (almost) the same pixels
+    assert difference.max() <= 3
+    # and torchvision's own pipeline on the full-size decode agrees within a few levels
+    reference = reference_transform(resnet)(reference_load(path))
+    level = 1 / 255 / min(resnet.std)
+    assert (preprocess(image, resnet) - reference).abs().mean().item() < 0.6 * level
+
+
+def test_reduction_keeps_the_backbones_interpolation(tmp_path):
+    bicubic = get_backbone("efficientnet_b0")
+    assert bicubic.interpolation == "bicubic"
+    path = large_png(tmp_path, "RGB")
+    right, _ = load_image(path, bicubic.resize, bicubic.interpolation)
+    wrong, _ = load_image(path, bicubic.resize)  # bilinear
+    right_difference = eight_bit_difference(right, path, bicubic).mean()
+    assert right_difference < 0.45
+    assert eight_bit_difference(wrong, path, bicubic).mean() > 2 * right_difference  # it tells
+
+
+def test_a_png_below_the_reduction_threshold_is_decoded_as_before(tmp_path, resnet):
+    # Resize(256) makes 1500x1200 320x256: less than twice 3x that on either side, so no reduction;
+    # at 1.8 MP it is still converted band by band, with exactly the pixels of the whole conversion.
+    path = large_png(tmp_path, "RGBA", width=1500, height=1200)
+    image, size = load_image(path, resnet.resize)
+    assert image.size == size == (1500, 1200)
+    assert np.array_equal(np.asarray(image), np.asarray(reference_load(path)))
+
+
+def test_large_png_with_exif_rotation_is_reduced_and_upright(tmp_path, resnet):
+    upright = large_png(tmp_path, "RGBA")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned left; viewers turn it right
+    with Image.open(upright) as im:
+        path = tmp_path / "large-rotated.png"
+        im.transpose(Image.Transpose.ROTATE_90).save(path, exif=exif, compress_level=1)
+    out = subprocess.run(["exiftool", "-s3", "-Orientation#", "-ImageWidth", str(path)],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["6", "2001"]
+    image, size = load_image(path, resnet.resize)
+    assert size == (3001, 2001)
+    assert image.size == (383, 256)
+    assert eight_bit_difference(image, upright, resnet).mean() < 0.45
+
+
+def test_large_decodes_run_one_at_a_time(tmp_path, monkeypatch):
+    """Decode threads must not hold several full-size decodes at once (a NAS has 2-4 GB)."""
+    first = large_png(tmp_path, "RGBA", width=1800, height=1600)
+    paths = [first] + [tmp_path / f"copy-{i}.png" for i in range(5)]
+    for copy in paths[1:]:
+        copy.write_bytes(first.read_bytes())
+    monkeypatch.setattr(tagger.preprocess, "LARGE_DECODE_PIXELS", 2_000_000)  # these are 2.9 MP
+    inside, most, lock = 0, 0, threading.Lock()
+    real_load = ImageFile.ImageFile.load
+
+    def counting_load(self):
+        nonlocal inside, most
+        with lock:
+            inside += 1
+            most = max(most, inside)
+        try:
+            return real_load(self)
+        finally:
+            with lock:
+                inside -= 1
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counting_load)
+    with ThreadPoolExecutor(3) as pool:
+        sizes = [image.size for image, _ in pool.map(lambda p: load_image(p, 256), paths)]
+    assert most == 1
+    assert len(sizes) == 6
+
+
+ADDRESS_SPACE_PROBE = """
+import resource, sys
+from tagger.preprocess import load_image
+
+def address_space() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+
+budget = address_space() + int(sys.argv[2]) * 1024 * 1024
+resource.setrlimit(resource.RLIMIT_AS, (budget, budget))
+try:
+    image, size = load_image(sys.argv[1], 256)
+    print("decoded", size, "to", image.size)
+except MemoryError:
+    print("out of memory")
+"""
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "I;16"])
+def test_a_large_png_decodes_in_little_more_memory_than_its_pixels(tmp_path, mode):
+    """A 24 MP PNG (96 MB as RGBA) with the address space capped at 240 MB more than after import.
+
+    Converting the whole image (alpha composite, 16 bits through int64) took over 400 MB here; a
+    169 MP PNG took 4 GB in ``phototag classify``. Converted band by band, this one needs ~120 MB.
+    """
+    width, height = 6000, 4000
+    rgb = cat().resize((width, height), Image.Resampling.BILINEAR)
+    if mode == "RGBA":
+        image = rgb.copy()
+        image.putalpha(Image.linear_gradient("L").resize((width, height)))
+    else:
+        image = Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)
+    path = tmp_path / "large.png"
+    image.save(path, compress_level=1)
+    del rgb, image
+    out = subprocess.run([sys.executable, "-c", ADDRESS_SPACE_PROBE, str(path), "240"],
+                         capture_output=True, text=True, check=False)
+    assert out.stdout.strip() == "decoded (6000, 4000) to (384, 256)", out.stderr
 
 
 # --- conversions -----------------------------------------------------------------------------------
@@ -272,6 +437,34 @@ def test_decompression_bomb_png_is_refused_before_decoding(tmp_path):
     path = tmp_path / "bomb.png"
     path.write_bytes(png_header_only(50000, 50000))
     expect_error(path, f"image too large: 2500000000 pixels (limit {max_pixels()})")
+
+
+def png_with_text(path: Path, text_bytes: int) -> Path:
+    """The cat as a PNG with a compressed text chunk (zTXt) of ``text_bytes`` bytes."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "x" * text_bytes, zip=True)
+    cat().save(path, pnginfo=info)
+    return path
+
+
+def test_png_with_a_large_text_chunk_or_icc_profile_is_decoded(tmp_path):
+    """Pillow's own guard refuses over 1 MB; a big XMP packet or ICC profile can exceed that."""
+    text = png_with_text(tmp_path / "text.png", 3 * 1024 * 1024)
+    icc = tmp_path / "icc.png"
+    cat().save(icc, icc_profile=b"\0" * (3 * 1024 * 1024))  # not a valid profile: it is ignored
+    for path in (text, icc):
+        chunks = subprocess.run(["exiftool", "-s", "-G1", "-Comment", "-ICC_Profile", "-b", str(path)],
+                                capture_output=True, check=True).stdout
+        assert len(chunks) >= 3 * 1024 * 1024  # exiftool, independently, sees the 3 MB chunk
+        image, size = load_image(path, 256)
+        assert size == (400, 266)
+        assert mean_difference(image, cat()) == 0
+
+
+def test_png_text_chunk_bomb_is_refused_in_plain_words(tmp_path):
+    path = png_with_text(tmp_path / "text-bomb.png", 40 * 1024 * 1024)
+    assert path.stat().st_size < 200_000  # 40 MB of text, compressed
+    expect_error(path, "PNG text or ICC profile chunk larger than 16 MB when decompressed")
 
 
 def test_pixel_limit_follows_pillows_setting(tmp_path, monkeypatch):
