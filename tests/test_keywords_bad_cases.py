@@ -351,6 +351,21 @@ def test_jpeg_header_of_a_fifo_is_not_read(tmp_path):
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "not a regular file\n", "")
 
 
+def test_keywords_of_a_photo_swapped_for_a_fifo_are_not_waited_for(tmp_path):
+    """Reading a photo's keywords, or writing them in, on a FIFO: refused at once."""
+    code = ("import sys\nfrom storage.keywords import read_keywords, write_keywords\n"
+            "from storage.keywords.result import KeywordWriteError\n"
+            "print(read_keywords(sys.argv[1]))\n"
+            "try:\n    write_keywords(sys.argv[1], ['cat'], mode='embedded')\n"
+            "except KeywordWriteError as exc:\n    print(exc)\n")
+    path = fifo(tmp_path / "p.jpg")
+    proc = subprocess.run([sys.executable, "-c", code, str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == "[]"
+    assert "not a regular file" in proc.stdout.splitlines()[1]
+
+
 def test_damaged_jpeg_header_is_not_read_to_the_end(photo):
     """A marker missing in the header: refused where it is found, not after reading the rest of
     a (here 3 GB, sparse) file in search of more header."""

@@ -114,7 +114,7 @@ def _unchanged_guard(photo: Path, st: os.stat_result):
 
 def _has_jpeg_magic(photo: Path) -> bool:
     try:
-        with open(photo, "rb") as f:
+        with jpeg.open_regular(photo) as f:  # not a FIFO: that would wait forever
             return f.read(3) == _JPEG_MAGIC
     except OSError as exc:
         raise KeywordWriteError(photo, f"cannot read ({exc.strerror}); not written") from None
@@ -131,7 +131,7 @@ def _write_embedded(
     if photo.is_symlink():
         raise KeywordWriteError(photo, "is a symbolic link; embedded keywords not written")
     try:
-        with open(photo, "rb") as f:
+        with jpeg.open_regular(photo) as f:
             data = f.read()
             st = os.fstat(f.fileno())
     except FileNotFoundError:
