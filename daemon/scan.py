@@ -200,7 +200,13 @@ def read_taken_at(path: Path) -> datetime | None:
     _register_heif()
     try:
         with Image.open(path) as image:
-            exif_ifd = image.getexif().get_ifd(_EXIF_IFD)
+            if image.format == "PNG":  # getexif() would decode all its pixels, looking for an
+                exif = Image.Exif()    # eXIf chunk after them: only the one before them counts
+                if "exif" in image.info:
+                    exif.load(image.info["exif"])
+            else:
+                exif = image.getexif()
+            exif_ifd = exif.get_ifd(_EXIF_IFD)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
         return None
     except Exception:  # a malformed EXIF block must not cost the photo its tags
