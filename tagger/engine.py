@@ -151,7 +151,7 @@ class Tagger:
         """Runs in a decode thread: file -> cropped uint8 pixels, or the reason it failed."""
         try:
             start = time.perf_counter()
-            image, size = load_image(path, self.backbone.resize)
+            image, size = load_image(path, self.backbone.resize, self.backbone.interpolation)
             decoded = time.perf_counter()
             pixels = to_uint8_array(resize_crop(image, self.backbone))
             done = time.perf_counter()

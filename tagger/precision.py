@@ -234,7 +234,7 @@ def load_calibration(backbone: Backbone, paths: Iterable[str | os.PathLike],
         if limit is not None and len(pixels) >= limit:
             break
         try:
-            image, _ = load_image(path, backbone.resize)
+            image, _ = load_image(path, backbone.resize, backbone.interpolation)
             pixels.append(to_uint8_array(resize_crop(image, backbone)))
         except ImageError as e:
             log.debug("calibration: skipping %s: %s", path, e)
