@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import re
 import threading
 import warnings
@@ -111,9 +112,12 @@ def load_image(path: str | os.PathLike, size: int,
     """
     path = Path(path)
     try:
-        if path.is_dir():
+        st = path.stat()
+        if stat.S_ISDIR(st.st_mode):
             raise ImageError("is a directory")
-        if path.stat().st_size == 0:
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would wait for a writer, a device never end
+            raise ImageError("not a regular file")
+        if st.st_size == 0:
             raise ImageError("empty file (0 bytes)")
         im = Image.open(path)
     except ImageError:

@@ -477,6 +477,15 @@ def test_directory(tmp_path):
     expect_error(tmp_path, "is a directory")
 
 
+def test_fifo_and_device_are_not_regular_files(tmp_path):
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    expect_error(fifo, "not a regular file")  # at once: no open() waiting for a writer
+    device = tmp_path / "zero.jpg"
+    device.symlink_to("/dev/zero")
+    expect_error(device, "not a regular file")
+
+
 def test_missing_file(tmp_path):
     expect_error(tmp_path / "gone.jpg", "file not found")
 
