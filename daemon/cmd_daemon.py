@@ -51,9 +51,11 @@ def retag(app: App, outdated: bool, errors: bool, everything: bool, model: str |
     """
     from daemon.worker import Selection, retag as retag_photos
 
+    given_up = errors  # photos given up on come back only when --errors asks for them
     if not (outdated or errors or everything):
         outdated = errors = True
-    selection = Selection(outdated=outdated, errors=errors, everything=everything)
+    selection = Selection(outdated=outdated, errors=errors, given_up=given_up,
+                          everything=everything)
     config = app.config
     tagger = lazy_tagger_or_exit(config, model)  # before touching the database: fails fast
     with tagging_run(app.db_url, "re-tagging", "the photos not done yet stay queued") as (

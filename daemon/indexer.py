@@ -365,7 +365,10 @@ class _Pending:
         return len(self.results) + len(self.errors) + len(self.moves)
 
 
-MAX_INTERRUPTED = 3  # attempts (the last one never ended) after which a photo is given up on
+MAX_INTERRUPTED = 3  # attempts in a row that never ended, after which a photo is given up on
+# Attempts started before this process did and still open were cut short (phototag died); the
+# ones started since may be another process's, still running.
+STARTED = library.utcnow()
 
 
 def tag_jobs(engine: Engine, tagger: TaggerLike, jobs: Iterable[Job], *, retry_after: float = 600.0,
@@ -377,8 +380,9 @@ def tag_jobs(engine: Engine, tagger: TaggerLike, jobs: Iterable[Job], *, retry_a
     whose photos simply stay pending. Each photo's attempt is counted before the photo is read
     (``library.start_attempt``). A photo found with an attempt that never ended (phototag died
     while tagging it, maybe because of it: a crash in an image library, an out-of-memory kill)
-    is tagged on its own, and recorded as failed, not to be retried until it changes, once it
-    has MAX_INTERRUPTED attempts: one such photo costs a few restarts, never the queue behind it.
+    is tagged on its own, and recorded as failed, not to be retried until it changes, once
+    MAX_INTERRUPTED attempts in a row never ended: one such photo costs a few restarts, never
+    the queue behind it.
     """
     summary = summary if summary is not None else Summary()
     started = time.monotonic()
@@ -387,17 +391,17 @@ def tag_jobs(engine: Engine, tagger: TaggerLike, jobs: Iterable[Job], *, retry_a
     held: list[Job] = []
     try:
         while True:
-            _tag_stream(engine, tagger, _start_attempts(engine, jobs, claims, held), claims,
-                        retry_after, summary, warn, advance, facts_threads)
+            _tag_stream(engine, tagger, _start_attempts(engine, jobs, claims, held, advance),
+                        claims, retry_after, summary, warn, advance, facts_threads)
             if not held:
                 break
             job = held.pop()
-            if job.attempts >= MAX_INTERRUPTED:
-                _give_up(engine, job, summary, warn)
+            if _closed_interrupted(engine, job, summary, warn):
                 if advance:
                     advance(1)
             else:  # alone, so that if it stops phototag again no other photo is held up
-                _tag_stream(engine, tagger, _start_attempts(engine, iter([job]), claims, None),
+                _tag_stream(engine, tagger,
+                            _start_attempts(engine, iter([job]), claims, None, advance),
                             claims, retry_after, summary, warn, advance, facts_threads)
     finally:
         if claims:  # stopped (or failed) with photos in flight: those attempts do not count
@@ -408,30 +412,41 @@ def tag_jobs(engine: Engine, tagger: TaggerLike, jobs: Iterable[Job], *, retry_a
 
 
 def _start_attempts(engine: Engine, jobs: Iterator[Job], claims: dict[int, datetime],
-                    held: list[Job] | None) -> Iterator[Job]:
+                    held: list[Job] | None,
+                    advance: Callable[[int], None] | None) -> Iterator[Job]:
     """Start each job's attempt (one short write transaction) and pass the job on. With ``held``:
     stop at the first job whose earlier attempt never ended, and leave it there."""
     for job in jobs:
-        if held is not None and job.interrupted:
+        if held is not None and job.attempt_started_at is not None and (
+                job.attempt_started_at < STARTED):
             held.append(job)
             return
         now = library.utcnow()
         with write_session(engine) as session:
             if not library.start_attempt(session, job, now):
-                continue  # changed or gone since it was read: its next turn will see
+                if advance:  # changed or gone since it was read: its next turn will see
+                    advance(1)
+                continue
         claims[job.photo_id] = now
         yield job
 
 
-def _give_up(engine: Engine, job: Job, summary: Summary, warn: Warn) -> None:
-    reason = (f"phototag stopped while tagging it (a crash? out of memory?), attempt "
-              f"{job.attempts}; not tried again until the file changes or "
-              "`phototag retag --errors`")
+def _closed_interrupted(engine: Engine, job: Job, summary: Summary, warn: Warn) -> bool:
+    """Count the job's attempt that never ended; True if that settles the job: it was done
+    meanwhile, or this was its MAX_INTERRUPTED-th in a row and it is given up on."""
     with write_session(engine) as session:
-        given_up = library.store_error(session, job, reason, retry_after=None)
-    if given_up:
-        summary.failed += 1
-        warn(f"{job.path}: {reason}")
+        interruptions = library.close_interrupted(session, job)
+        if interruptions is None:
+            return True
+        if interruptions < MAX_INTERRUPTED:
+            return False
+        reason = (f"phototag stopped while tagging it {interruptions} times in a row (a crash? "
+                  "out of memory?); not tried again until the file changes or "
+                  "`phototag retag --errors`")
+        library.give_up(session, job, reason)
+    summary.failed += 1
+    warn(f"{job.path}: {reason}")
+    return True
 
 
 def _tag_stream(engine: Engine, tagger: TaggerLike, jobs: Iterable[Job],

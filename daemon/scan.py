@@ -173,9 +173,10 @@ def file_facts(path: Path) -> FileFacts:
     """The file's content hash, EXIF DateTimeOriginal and existing keywords; ``error`` if the file
     cannot be read. Keyword sources that cannot be parsed are logged and skipped."""
     from daemon.keyword_sync import read_photo_keywords
+    from storage.keywords.jpeg import open_regular
 
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # a FIFO swapped in would block a plain open() forever
             digest = hashlib.file_digest(f, CONTENT_HASH).hexdigest()
     except OSError as e:
         return FileFacts(None, None, error=f"cannot read: {e.strerror or e}")
@@ -200,12 +201,10 @@ def read_taken_at(path: Path) -> datetime | None:
     _register_heif()
     try:
         with Image.open(path) as image:
-            if image.format == "PNG":  # getexif() would decode all its pixels, looking for an
-                exif = Image.Exif()    # eXIf chunk after them: only the one before them counts
-                if "exif" in image.info:
-                    exif.load(image.info["exif"])
-            else:
-                exif = image.getexif()
+            # A PNG's own getexif() first decodes all its pixels, looking for an eXIf chunk
+            # after them; the generic one reads what the header gave (eXIf, ImageMagick's
+            # "Raw profile type exif"), which is where cameras and converters put the date.
+            exif = Image.Image.getexif(image) if image.format == "PNG" else image.getexif()
             exif_ifd = exif.get_ifd(_EXIF_IFD)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
         return None

@@ -215,6 +215,7 @@ class Selection:
 
     outdated: bool = True  # tagged by another model or label-mapping version
     errors: bool = True  # failed, without waiting for their retry time
+    given_up: bool = False  # with errors: also those given up on (they brought phototag down)
     everything: bool = False
 
     def describe(self) -> str:
@@ -248,7 +249,8 @@ def requeue(engine: Engine, selection: Selection, *, model: str, mapping_version
         count = library.requeue(
             session,
             outdated=(model, mapping_version) if selection.outdated else None,
-            errors=selection.errors, everything=selection.everything, root=root, under=under)
+            errors=selection.errors, given_up=selection.given_up,
+            everything=selection.everything, root=root, under=under)
     return count, root_id, under
 
 

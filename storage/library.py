@@ -315,6 +315,7 @@ def _mark_changed(photo: Photo, size: int, mtime_ns: int) -> None:
     photo.attempts = 0
     photo.retry_at = None
     photo.attempt_started_at = None
+    photo.interruptions = 0
     photo.indexed_at = utcnow()
 
 
@@ -399,8 +400,7 @@ class Job:
     size: int
     mtime_ns: int
     content_hash: str | None
-    attempts: int = 0  # tagging attempts so far, failed or never ended
-    interrupted: bool = False  # an attempt started and never ended (see start_attempt)
+    attempt_started_at: datetime | None = None  # an attempt still open (see start_attempt)
 
 
 def due_filter(now: datetime):
@@ -419,7 +419,7 @@ def pending_jobs(session: Session, limit: int | None = None, *, now: datetime | 
     now = now or utcnow()
     condition = due_filter(now) if include_errors else Photo.status == PENDING
     query = (select(Photo.id, Photo.root_id, AlbumRoot.path, Photo.relpath, Photo.size, Photo.mtime_ns,
-                    Photo.content_hash, Photo.attempts, Photo.attempt_started_at)
+                    Photo.content_hash, Photo.attempt_started_at)
              .join(AlbumRoot, Photo.root_id == AlbumRoot.id)
              .where(condition, Photo.id > after_id)
              .order_by(Photo.id))
@@ -432,8 +432,8 @@ def pending_jobs(session: Session, limit: int | None = None, *, now: datetime | 
     if limit is not None:
         query = query.limit(limit)
     return [Job(photo_id, root_id, relpath, Path(root_dir, *PurePosixPath(relpath).parts), size,
-                mtime_ns, digest, attempts, started is not None)
-            for photo_id, root_id, root_dir, relpath, size, mtime_ns, digest, attempts, started
+                mtime_ns, digest, started)
+            for photo_id, root_id, root_dir, relpath, size, mtime_ns, digest, started
             in session.execute(query)]
 
 
@@ -474,6 +474,7 @@ def store_result(session: Session, job: Job, tags: Iterable[ScoredTag], *, model
     photo.attempts = 0
     photo.retry_at = None
     photo.attempt_started_at = None
+    photo.interruptions = 0
     photo.tagged_at = now or utcnow()
     photo.model = model
     photo.mapping_version = mapping_version
@@ -486,10 +487,9 @@ def store_result(session: Session, job: Job, tags: Iterable[ScoredTag], *, model
     return True
 
 
-def store_error(session: Session, job: Job, reason: str, *, retry_after: float | None = 600.0,
+def store_error(session: Session, job: Job, reason: str, *, retry_after: float = 600.0,
                 now: datetime | None = None) -> bool:
-    """Record why tagging failed and when to try again: ``retry_after`` seconds, doubled per
-    failure; ``retry_after=None``: not until the file changes or ``phototag retag --errors``.
+    """Record why tagging failed and when to try again: ``retry_after`` seconds, doubled per failure.
 
     The attempt counts once: at ``start_attempt`` if it went through it, else here. Tags from an
     earlier successful run stay. Returns False if the photo changed or went away.
@@ -502,11 +502,8 @@ def store_error(session: Session, job: Job, reason: str, *, retry_after: float |
     photo.attempt_started_at = None
     photo.status = ERROR
     photo.error = reason
-    if retry_after is None:
-        photo.retry_at = None
-    else:
-        delay = retry_after * 2 ** min(max(photo.attempts, 1) - 1, MAX_RETRY_DOUBLINGS)
-        photo.retry_at = (now or utcnow()) + timedelta(seconds=delay)
+    delay = retry_after * 2 ** min(max(photo.attempts, 1) - 1, MAX_RETRY_DOUBLINGS)
+    photo.retry_at = (now or utcnow()) + timedelta(seconds=delay)
     session.flush()
     return True
 
@@ -524,6 +521,32 @@ def start_attempt(session: Session, job: Job, now: datetime) -> bool:
     return True
 
 
+def give_up(session: Session, job: Job, reason: str) -> None:
+    """Record the photo as failed and not to be retried (retry_at NULL) until its file changes
+    or it is queued again with ``requeue(errors=True, given_up=True)``."""
+    photo = _current(session, job)
+    if photo is not None:
+        photo.status = ERROR
+        photo.error = reason
+        photo.retry_at = None
+        photo.attempt_started_at = None
+        session.flush()
+
+
+def close_interrupted(session: Session, job: Job) -> int | None:
+    """Close the attempt the job found open (phototag died during it) and count it among the
+    photo's interruptions; returns their number. None, changing nothing, if that attempt is no
+    longer open as the job saw it (the photo was tagged, changed or queued again meanwhile)."""
+    photo = _current(session, job)
+    if photo is None or photo.attempt_started_at is None or (
+            photo.attempt_started_at != job.attempt_started_at or photo.status == TAGGED):
+        return None
+    photo.attempt_started_at = None
+    photo.interruptions = (photo.interruptions or 0) + 1
+    session.flush()
+    return photo.interruptions
+
+
 def abandon_attempts(session: Session, started: Iterable[tuple[int, datetime]]) -> None:
     """Take back the attempts started at those times whose outcome was never stored (phototag
     stopped cleanly meanwhile, or the photo turned out to be a move): they do not count."""
@@ -536,11 +559,13 @@ def abandon_attempts(session: Session, started: Iterable[tuple[int, datetime]]) 
 
 
 def requeue(session: Session, *, outdated: tuple[str, str] | None = None, errors: bool = False,
-            everything: bool = False, root: AlbumRoot | None = None, under: str = "") -> int:
+            given_up: bool = False, everything: bool = False, root: AlbumRoot | None = None,
+            under: str = "") -> int:
     """Queue photos for re-tagging (``phototag retag``, the nightly job); returns how many.
 
     ``outdated=(model, mapping_version)`` picks tagged photos tagged by anything else; ``errors``
-    picks failed photos now rather than at their retry time; ``everything`` picks all of them.
+    picks failed photos now rather than at their retry time, and with ``given_up`` also those
+    not to be retried (retry_at NULL: they brought phototag down); ``everything`` picks all.
     Their current tags stay searchable until the new ones replace them.
     """
     picks = []
@@ -552,7 +577,8 @@ def requeue(session: Session, *, outdated: tuple[str, str] | None = None, errors
                           or_(Photo.model.is_distinct_from(model),
                               Photo.mapping_version.is_distinct_from(mapping_version))))
     if errors:
-        picks.append(Photo.status == ERROR)
+        picks.append(Photo.status == ERROR if given_up
+                     else and_(Photo.status == ERROR, Photo.retry_at.is_not(None)))
     if not picks:
         return 0
     query = update(Photo).where(or_(*picks))
@@ -561,7 +587,8 @@ def requeue(session: Session, *, outdated: tuple[str, str] | None = None, errors
         if under:
             query = query.where(Photo.relpath.startswith(under + "/", autoescape=True))
     result = session.execute(
-        query.values(status=PENDING, retry_at=None, attempts=0, attempt_started_at=None)
+        query.values(status=PENDING, retry_at=None, attempts=0, attempt_started_at=None,
+                     interruptions=0)
         .execution_options(synchronize_session=False))
     return result.rowcount or 0
 

@@ -87,6 +87,10 @@ photo = Table(
     # attempts); cleared when its outcome is stored. Still set when phototag finds the photo
     # again: the attempt never ended (a crash, an out-of-memory kill), see daemon.indexer.
     Column("attempt_started_at", DateTime),
+    # Attempts in a row that never ended (found still started by a later phototag process),
+    # since the photo was last tagged, changed or queued again: a photo that keeps bringing
+    # phototag down is given up on after a few (daemon.indexer.MAX_INTERRUPTED).
+    Column("interruptions", Integer, nullable=False, default=0, server_default="0"),
     UniqueConstraint("root_id", "relpath", name="uq_photo_root_relpath"),
     Index("ix_photo_status_retry", "status", "retry_at"),
     Index("ix_photo_content_hash", "content_hash"),

@@ -105,11 +105,14 @@ class DaemonProcess:
     """``phototag daemon`` in a subprocess, logging to a file."""
 
     def __init__(self, workdir: Path, config: Path, db: Path, albums: list[Path] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, script: str | None = None) -> None:
+        """``script``: Python code run instead of the console script (it calls the CLI's main
+        on its arguments), to plant a fault the way a broken file system would."""
         self.workdir = workdir
         self.db = db
         self.log_path = workdir / f"daemon-{time.monotonic_ns()}.log"
-        args = [str(CONSOLE_SCRIPT), "--config", str(config), "--db", str(db), "daemon"]
+        command = [sys.executable, "-c", script] if script else [str(CONSOLE_SCRIPT)]
+        args = [*command, "--config", str(config), "--db", str(db), "daemon"]
         for album in albums or []:
             args += ["--album", str(album)]
         full_env = {k: v for k, v in os.environ.items()
@@ -924,10 +927,25 @@ def test_sigterm_while_preparing_int8_at_start_stops_at_once_and_leaves_no_temp_
     assert db_rows(tmp_path / "p.db", "select count(*) from photo where status = 'tagged'") == [(0,)]
 
 
+HUNG_READ = """
+import sys, threading
+import daemon.indexer
+from daemon.cli import main
+
+original = daemon.indexer.file_facts
+def hanging(path):
+    if path.name == "stuck.jpg":
+        threading.Event().wait()  # a read that never returns, as on a hung network share
+    return original(path)
+daemon.indexer.file_facts = hanging
+main(sys.argv[1:])
+"""
+
+
 def test_a_stalled_batch_stops_the_watchdog_pings_and_loses_nothing(tmp_path, resnet18_weights):
-    """A photo whose read never returns (here a FIFO no one writes to, as a hung network share
-    would behave) blocks the batch worker: after ``stall_seconds`` the daemon stops pinging the
-    watchdog, so systemd kills and restarts it; the photos of that batch stay queued."""
+    """A photo whose read never returns (a hung network share; planted here) blocks the batch
+    worker: after ``stall_seconds`` the daemon stops pinging the watchdog, so systemd kills and
+    restarts it; the photos of that batch stay queued and are tagged after the restart."""
     album = tmp_path / "album"
     write_jpeg(album / "seed.jpg", 1)
     config = write_config(tmp_path / "config.toml", resnet18_weights, albums=[album])
@@ -936,16 +954,12 @@ def test_a_stalled_batch_stops_the_watchdog_pings_and_loses_nothing(tmp_path, re
     db = tmp_path / "p.db"
     notify = NotifySocket(tmp_path / "notify.sock")
     env = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "400000"}  # a ping every 0.2 s
-    daemon = DaemonProcess(tmp_path, config, db, env=env)
+    daemon = DaemonProcess(tmp_path, config, db, env=env, script=HUNG_READ)
     try:
         daemon.wait_ready()
         wait_until(lambda: tagged(db, "seed.jpg"), what="seed.jpg tagged")
-        os.mkfifo(album / "stuck.jpg")  # the scanner skips FIFOs: queue it as the scanner would
-        (root_id,) = db_rows(db, "select id from album_root")[0]
-        db_write(db, "insert into photo (root_id, relpath, size, mtime_ns, status, attempts, "
-                     "indexed_at) values (?, 'stuck.jpg', 0, 0, 'pending', 0, ?)",
-                 (root_id, datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")))
-        write_jpeg(album / "after.jpg", 2)  # its arrival wakes the worker
+        write_jpeg(album / "stuck.jpg", 3)
+        write_jpeg(album / "after.jpg", 2)
         daemon.wait_log("the batch worker made no progress")
         pings = sum(m == "WATCHDOG=1" for m in notify.messages)
         time.sleep(1.5)
@@ -964,9 +978,7 @@ def test_a_stalled_batch_stops_the_watchdog_pings_and_loses_nothing(tmp_path, re
         daemon.kill()  # what systemd does when the watchdog times out
         notify.close()
     assert photo(db, "stuck.jpg")["status"] == "pending"
-    (album / "stuck.jpg").unlink()
-    write_jpeg(album / "stuck.jpg", 3)  # the share is back
-    restarted = DaemonProcess(tmp_path, config, db)
+    restarted = DaemonProcess(tmp_path, config, db)  # the share is back
     try:
         restarted.wait_ready()
         wait_until(lambda: tagged(db, "stuck.jpg") and tagged(db, "after.jpg"),

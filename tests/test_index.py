@@ -9,12 +9,13 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from sqlalchemy import select
 
 from daemon.scan import PhotoFilter, file_facts, read_taken_at, root_available, scan_tree
@@ -107,6 +108,16 @@ def test_taken_at_of_a_png_is_read_without_decoding_its_pixels(tmp_path):
     dated = tmp_path / "dated.png"
     Image.new("RGB", (64, 48)).save(dated, exif=exif)
     assert read_taken_at(dated) == datetime(2021, 7, 4, 9, 30)
+    # ImageMagick writes EXIF into a text chunk, "Raw profile type exif" (hex after 3 lines)
+    raw = exif.tobytes()
+    text = PngImagePlugin.PngInfo()
+    text.add_text("Raw profile type exif", f"\nexif\n{len(raw)}\n{raw.hex()}\n", zip=True)
+    magick = tmp_path / "magick.png"
+    Image.new("RGB", (64, 48)).save(magick, pnginfo=text)
+    exiftool = subprocess.run(["exiftool", "-s3", "-DateTimeOriginal", str(magick)],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    assert exiftool == "2021:07:04 09:30:00"  # an independent reader finds it there too
+    assert read_taken_at(magick) == datetime(2021, 7, 4, 9, 30)
     big = tmp_path / "big.png"
     Image.new("L", (12000, 12000)).save(big)
     # The child's peak memory (VmHWM: unlike ru_maxrss, not inherited from this process).
@@ -131,6 +142,13 @@ def test_file_facts(tmp_path):
     assert facts.error is None
     missing = file_facts(tmp_path / "gone.jpg")
     assert missing.content_hash is None and "No such file" in missing.error
+    os.mkfifo(tmp_path / "pipe.jpg")  # swapped in after the scan saw a file: refused at once
+    found = []
+    reader = threading.Thread(target=lambda: found.append(file_facts(tmp_path / "pipe.jpg")),
+                              daemon=True)  # a regression blocks in open(): fail, not hang
+    reader.start()
+    reader.join(30)
+    assert found and found[0].error == "cannot read: not a regular file"
 
 
 # --- library operations -------------------------------------------------------------------
@@ -731,18 +749,66 @@ def test_a_photo_that_kills_phototag_is_given_up_on_and_holds_up_no_other(lib, i
     photos = lib.photos()
     failed = photos.pop("2024/img08_poison.jpg")
     assert failed["status"] == ERROR and failed["retry_at"] is None
-    assert failed["attempts"] == MAX_INTERRUPTED and failed["attempt_started_at"] is None
+    assert failed["attempts"] == MAX_INTERRUPTED == failed["interruptions"]
+    assert failed["attempt_started_at"] is None
     assert "not tried again until the file changes" in failed["error"]
     assert all(p["status"] == TAGGED for p in photos.values()) and len(photos) == 16
     assert all(p["attempts"] == 0 and p["attempt_started_at"] is None for p in photos.values())
     assert poison.read_bytes() == original
 
-    result = lib.index()  # given up on: not tried again...
+    result = lib.index()  # given up on: not tried again, neither by index...
     assert inferred == [] and "0 failed" in summary_of(result.output)
-    poison.write_bytes(original + b"\0")  # ...until the file changes
-    lib.index()
+    lib.run("retag")  # ...nor by the failed photos the nightly job and plain retag queue...
+    assert inferred == []
+    lib.run("retag", "--errors")  # ...until asked for (or the file changes)
     assert [p.name for p in inferred] == ["img08_poison.jpg"]
     assert lib.photos()["2024/img08_poison.jpg"]["status"] == TAGGED
+
+
+def test_an_attempt_cut_short_is_not_counted_with_ordinary_failures(lib, inferred):
+    """A photo that failed twice (a read error, say) and was then in flight when phototag died
+    is tagged alone next time, not given up on: only interruptions in a row count."""
+    lib.index()
+    inferred.clear()
+    with sqlite3.connect(lib.db) as db:
+        db.execute("UPDATE photo SET status = 'error', attempts = 2, error = 'read error',"
+                   " retry_at = '2000-01-01 00:00:00', attempt_started_at = '2000-01-01 00:00:00'"
+                   " WHERE relpath = '2024/img1.jpg'")
+    result = lib.index()
+    assert [p.name for p in inferred] == ["img1.jpg"] and "0 failed" in summary_of(result.output)
+    photo = lib.photos()["2024/img1.jpg"]
+    assert photo["status"] == TAGGED and photo["interruptions"] == 0
+    assert photo["attempt_started_at"] is None
+
+
+def test_an_interrupted_attempt_is_closed_only_as_it_was_found(engine, tmp_path):
+    """Another process may tag the photo between the page read and the closing: then the
+    closing changes nothing (no interruption counted, the tags stay)."""
+    from storage.library import close_interrupted, start_attempt, store_result
+
+    with write_session(engine) as s:
+        root, _ = library.ensure_root(s, tmp_path)
+        library.add_new_files(s, root, [("a.jpg", 1, 1), ("b.jpg", 1, 1)])
+    with read_session(engine) as s:
+        a, b = library.pending_jobs(s)
+    started = datetime(2000, 1, 1)
+    with write_session(engine) as s:
+        start_attempt(s, a, started)
+        start_attempt(s, b, started)
+    with read_session(engine) as s:
+        a, b = library.pending_jobs(s)  # as a later process reads them: attempts still open
+    assert a.attempt_started_at == b.attempt_started_at == started
+    with write_session(engine) as s:
+        store_result(s, a, [], model="m", mapping_version="1", width=1, height=1,
+                     taken_at=None, content_hash=None)  # done by the other process meanwhile
+    with write_session(engine) as s:
+        assert close_interrupted(s, a) is None
+        assert close_interrupted(s, b) == 1
+        assert close_interrupted(s, b) is None  # closed once
+    with read_session(engine) as s:
+        photos = {p.relpath: (p.status, p.interruptions, p.attempt_started_at)
+                  for p in s.scalars(select(Photo))}
+    assert photos == {"a.jpg": (TAGGED, 0, None), "b.jpg": (PENDING, 1, None)}
 
 
 def test_users_own_keywords_are_indexed_and_searchable(lib):

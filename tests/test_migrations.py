@@ -64,11 +64,11 @@ def dump(path: Path) -> dict[str, list[tuple]]:
 
 def dump_without_new_columns(path: Path) -> dict[str, list[tuple]]:
     """``dump`` of a database upgraded from 0001, without the columns added since (which must
-    be empty): photo.own_write (0004), photo.sidecar_state (0005) and photo.attempt_started_at
-    (0006), the last three columns."""
+    be at their defaults): photo.own_write (0004), photo.sidecar_state (0005),
+    photo.attempt_started_at and photo.interruptions (0006), the last four columns."""
     tables = dump(path)
-    assert {row[-3:] for row in tables["photo"]} == {(None, None, None)}
-    tables["photo"] = [row[:-3] for row in tables["photo"]]
+    assert {row[-4:] for row in tables["photo"]} == {(None, None, None, 0)}
+    tables["photo"] = [row[:-4] for row in tables["photo"]]
     return tables
 
 
